@@ -1,0 +1,29 @@
+"""Build script: maps kernels/ to spice_fast.kernels and compiles the C++ extensions in csrc/.
+
+Metadata lives in pyproject.toml. Adding a native extension is one line in EXTENSIONS:
+(module name, list of sources under csrc/). Sources are compiled as C++17 with pybind11.
+"""
+
+from pybind11.setup_helpers import Pybind11Extension, build_ext
+from setuptools import find_packages, setup
+
+EXTENSIONS: list[tuple[str, list[str]]] = []
+
+
+def _extension(name: str, sources: list[str]) -> Pybind11Extension:
+    return Pybind11Extension(
+        name,
+        sorted(sources),
+        include_dirs=["csrc"],
+        cxx_std=17,
+        extra_compile_args=["-O3"],
+    )
+
+
+setup(
+    packages=find_packages(include=["spice_fast", "spice_fast.*"]) + ["spice_fast.kernels"],
+    package_dir={"spice_fast.kernels": "kernels"},
+    ext_modules=[_extension(name, sources) for name, sources in EXTENSIONS],
+    cmdclass={"build_ext": build_ext},
+    zip_safe=False,
+)

@@ -1,0 +1,227 @@
+"""Attention of the decoder in its two modes, over one set of projection weights.
+
+* Packed mode (training and prefill): the tokens of several sequences of any lengths are
+  concatenated into one ``[N, H]`` batch described by ``cu_seqlens``; attention is causal within each
+  sequence. Backends: flash-attn's varlen kernel on a GPU when installed (fp16/bf16), else PyTorch
+  SDPA (one batched call when all sequences have the same length, one call per sequence otherwise).
+* Paged decode mode (sampler): one new token per sequence attends over its KV blocks in a
+  ``PagedKVCache``; ``spice_fast.kernels.paged_decode_attention_ref`` is the CPU path.
+
+In both modes, when a ``PagedKVCache`` and a ``slot_mapping`` are given, each token's K/V are
+written to its slot of the pool first, so a prefill fills the cache that later decode steps read.
+``set_attention_backend("torch")`` forces the PyTorch paths everywhere (tests, debugging).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from spice_fast.kernels.paged_attention import paged_decode_attention_ref
+from spice_fast.model.config import ModelConfig
+from spice_fast.model.layers import RMSNorm, RotaryEmbedding
+
+logger = logging.getLogger(__name__)
+
+_BACKENDS = ("auto", "torch")
+_backend = os.environ.get("SPICE_FAST_ATTENTION", "auto")
+_flash_varlen = None
+_flash_checked = False
+
+
+def set_attention_backend(name: str) -> None:
+    """``"auto"``: fastest available kernel; ``"torch"``: PyTorch reference paths only."""
+    global _backend
+    if name not in _BACKENDS:
+        raise ValueError(f"attention backend must be one of {_BACKENDS}, got {name!r}")
+    _backend = name
+
+
+def _flash_attn_varlen():
+    global _flash_varlen, _flash_checked
+    if not _flash_checked:
+        _flash_checked = True
+        try:
+            from flash_attn import flash_attn_varlen_func
+        except ImportError:
+            logger.info("flash-attn is not installed; packed attention uses PyTorch SDPA")
+        else:
+            _flash_varlen = flash_attn_varlen_func
+    return _flash_varlen
+
+
+@dataclass
+class AttentionBatch:
+    """Where each token of a flat ``[N]`` batch sits; built by ``packed()`` or ``decode()``."""
+
+    positions: torch.Tensor  # [N] int64, position of each token in its sequence
+    cu_seqlens: torch.Tensor | None = None  # [B+1] int32 sequence starts (packed mode)
+    max_seqlen: int = 0  # longest sequence (packed mode)
+    uniform_len: int = 0  # > 0 when every sequence has this length (packed mode)
+    slot_mapping: torch.Tensor | None = None  # [N] int64 KV-pool slot of each token, to write K/V
+    block_tables: torch.Tensor | None = None  # [B, max_blocks] int32 (decode mode)
+    context_lens: torch.Tensor | None = None  # [B] int32 tokens attended, new one included (decode)
+
+    @property
+    def is_decode(self) -> bool:
+        return self.block_tables is not None
+
+    @classmethod
+    def packed(
+        cls, seq_lens: list[int], device: torch.device | str, slot_mapping: torch.Tensor | None = None
+    ) -> AttentionBatch:
+        if not seq_lens or min(seq_lens) <= 0:
+            raise ValueError(f"seq_lens must be non-empty positive lengths, got {seq_lens}")
+        lens = torch.tensor(seq_lens, dtype=torch.int32)
+        cu = torch.zeros(len(seq_lens) + 1, dtype=torch.int32)
+        torch.cumsum(lens, 0, out=cu[1:])
+        positions = torch.cat([torch.arange(n) for n in seq_lens])
+        uniform = seq_lens[0] if all(n == seq_lens[0] for n in seq_lens) else 0
+        return cls(
+            positions=positions.to(device),
+            cu_seqlens=cu.to(device),
+            max_seqlen=max(seq_lens),
+            uniform_len=uniform,
+            slot_mapping=slot_mapping,
+        )
+
+    @classmethod
+    def decode(
+        cls,
+        positions: torch.Tensor,
+        block_tables: torch.Tensor,
+        context_lens: torch.Tensor,
+        slot_mapping: torch.Tensor,
+    ) -> AttentionBatch:
+        return cls(
+            positions=positions,
+            slot_mapping=slot_mapping,
+            block_tables=block_tables,
+            context_lens=context_lens,
+        )
+
+
+@dataclass
+class PagedKVCache:
+    """The KV pool of all layers, allocated once; views per layer are taken without copies."""
+
+    k: torch.Tensor  # [num_layers, num_blocks, block_size, num_kv_heads, head_dim]
+    v: torch.Tensor  # [num_layers, num_blocks, block_size, num_kv_heads, head_dim]
+
+    @classmethod
+    def allocate(
+        cls,
+        config: ModelConfig,
+        num_blocks: int,
+        block_size: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ) -> PagedKVCache:
+        if num_blocks <= 0 or block_size <= 0:
+            raise ValueError(f"num_blocks and block_size must be positive, got {num_blocks}, {block_size}")
+        shape = (config.num_layers, num_blocks, block_size, config.num_kv_heads, config.head_dim)
+        return cls(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+
+    @property
+    def num_blocks(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def block_size(self) -> int:
+        return self.k.shape[2]
+
+
+def packed_causal_attention(
+    q: torch.Tensor,  # [N, num_heads, D]
+    k: torch.Tensor,  # [N, num_kv_heads, D]
+    v: torch.Tensor,  # [N, num_kv_heads, D]
+    batch: AttentionBatch,
+    scale: float,
+) -> torch.Tensor:  # [N, num_heads, D]
+    flash = _flash_attn_varlen() if _backend == "auto" and q.is_cuda else None
+    if flash is not None and q.dtype in (torch.float16, torch.bfloat16):
+        return flash(
+            q, k, v, batch.cu_seqlens, batch.cu_seqlens, batch.max_seqlen, batch.max_seqlen,
+            softmax_scale=scale, causal=True,
+        )  # fmt: skip
+    if batch.uniform_len:
+        n, t = q.shape[0] // batch.uniform_len, batch.uniform_len
+        out = _sdpa_causal(*(x.view(n, t, *x.shape[1:]) for x in (q, k, v)), scale)
+        return out.reshape(q.shape)
+    bounds = batch.cu_seqlens.tolist()
+    outs = [
+        _sdpa_causal(q[None, s:e], k[None, s:e], v[None, s:e], scale)[0]
+        for s, e in zip(bounds[:-1], bounds[1:], strict=True)
+    ]
+    return torch.cat(outs, dim=0)
+
+
+def _sdpa_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    # [B, T, heads, D] in and out; SDPA wants heads before time.
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+        is_causal=True, scale=scale, enable_gqa=q.shape[2] != k.shape[2],
+    )  # fmt: skip
+    return out.transpose(1, 2)
+
+
+def paged_decode_attention(
+    q: torch.Tensor,  # [B, num_heads, D]
+    k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, D]
+    v_cache: torch.Tensor,
+    batch: AttentionBatch,
+    scale: float,
+) -> torch.Tensor:  # [B, num_heads, D]
+    return paged_decode_attention_ref(q, k_cache, v_cache, batch.block_tables, batch.context_lens, scale)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
+        h, q_dim, kv_dim = config.hidden_size, config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+        self.q_proj = nn.Linear(h, q_dim, bias=config.qkv_bias)
+        self.k_proj = nn.Linear(h, kv_dim, bias=config.qkv_bias)
+        self.v_proj = nn.Linear(h, kv_dim, bias=config.qkv_bias)
+        self.o_proj = nn.Linear(q_dim, h, bias=config.o_bias)
+        if config.qk_norm:
+            self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
+            self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
+        self.qk_norm = config.qk_norm
+        self.scale = config.head_dim**-0.5
+
+    def forward(
+        self,
+        x: torch.Tensor,  # [N, H]
+        cos_sin: tuple[torch.Tensor, torch.Tensor],
+        batch: AttentionBatch,
+        kv_cache: PagedKVCache | None,
+    ) -> torch.Tensor:  # [N, H]
+        n = x.shape[0]
+        q = self.q_proj(x).view(n, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(n, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(n, self.num_kv_heads, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        cos, sin = cos_sin
+        q, k = RotaryEmbedding.apply(q, cos, sin), RotaryEmbedding.apply(k, cos, sin)
+        if kv_cache is not None and batch.slot_mapping is not None:
+            k_pool = kv_cache.k[self.layer_idx].view(-1, self.num_kv_heads, self.head_dim)
+            v_pool = kv_cache.v[self.layer_idx].view(-1, self.num_kv_heads, self.head_dim)
+            k_pool[batch.slot_mapping] = k.to(k_pool.dtype)
+            v_pool[batch.slot_mapping] = v.to(v_pool.dtype)
+        if batch.is_decode:
+            if kv_cache is None:
+                raise ValueError("decode mode needs a PagedKVCache")
+            out = paged_decode_attention(
+                q, kv_cache.k[self.layer_idx], kv_cache.v[self.layer_idx], batch, self.scale
+            )
+        else:
+            out = packed_causal_attention(q, k, v, batch, self.scale)
+        return self.o_proj(out.reshape(n, self.num_heads * self.head_dim))

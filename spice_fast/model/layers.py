@@ -1,0 +1,95 @@
+"""Building blocks of the decoder: RMSNorm, rotary position embedding, SwiGLU MLP.
+
+Each matches its transformers counterpart (LlamaRMSNorm, LlamaRotaryEmbedding with the default,
+linear and llama3 rope types, LlamaMLP) to float32 rounding; tests/test_model.py checks the whole
+model's logits against transformers.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from spice_fast.model.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # The statistic in fp32 whatever the activation dtype: bf16 sums of squares lose digits.
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rope_inv_freq(config: ModelConfig) -> torch.Tensor:  # [head_dim // 2] float32
+    # Always on the CPU, also when the model is built under torch.device("meta") for loading.
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim))
+    scaling = config.rope_scaling
+    if scaling is None:
+        return inv_freq
+    if scaling["rope_type"] == "linear":
+        return inv_freq / float(scaling["factor"])
+    # llama3: long wavelengths slowed by `factor`, short ones kept, a smooth ramp between.
+    factor = float(scaling["factor"])
+    low_freq_factor = float(scaling["low_freq_factor"])
+    high_freq_factor = float(scaling["high_freq_factor"])
+    old_context = float(scaling["original_max_position_embeddings"])
+    low_freq_wavelen = old_context / low_freq_factor
+    high_freq_wavelen = old_context / high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_context / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+    return torch.where(medium, smoothed, scaled)
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotates q and k by position, in the half-split layout of Hugging Face checkpoints."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        # A plain attribute, not a buffer: model.to(bfloat16) must not round the frequencies.
+        self._inv_freq = rope_inv_freq(config)
+        self._inv_freq_by_device: dict[torch.device, torch.Tensor] = {}
+
+    def _freqs(self, device: torch.device) -> torch.Tensor:
+        cached = self._inv_freq_by_device.get(device)
+        if cached is None:
+            cached = self._inv_freq.to(device)
+            self._inv_freq_by_device[device] = cached
+        return cached
+
+    def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # [N, D] each
+        angles = positions.float()[:, None] * self._freqs(positions.device)[None, :]  # [N, D/2]
+        emb = torch.cat((angles, angles), dim=-1)
+        return emb.cos(), emb.sin()
+
+    @staticmethod
+    def apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        # x [N, heads, D]; cos/sin [N, D] in fp32.
+        half = x.shape[-1] // 2
+        x32 = x.float()
+        rotated = torch.cat((-x32[..., half:], x32[..., :half]), dim=-1)
+        return (x32 * cos[:, None, :] + rotated * sin[:, None, :]).to(x.dtype)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        h, i, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
+        self.gate_proj = nn.Linear(h, i, bias=bias)
+        self.up_proj = nn.Linear(h, i, bias=bias)
+        self.down_proj = nn.Linear(i, h, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
