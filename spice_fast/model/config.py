@@ -26,6 +26,11 @@ _DROPPED_KEYS = (
 )  # fmt: skip
 
 
+def _check_architecture(name: str) -> None:
+    if name not in SUPPORTED_ARCHITECTURES:
+        raise ValueError(f"unsupported architecture {name!r}; supported: {sorted(SUPPORTED_ARCHITECTURES)}")
+
+
 @dataclass
 class ModelConfig:
     architecture: str  # a key of SUPPORTED_ARCHITECTURES
@@ -52,10 +57,7 @@ class ModelConfig:
     extra: dict[str, Any] = field(default_factory=dict, repr=False)  # other keys of the source config
 
     def __post_init__(self) -> None:
-        if self.architecture not in SUPPORTED_ARCHITECTURES:
-            raise ValueError(
-                f"unsupported architecture {self.architecture!r}; supported: {sorted(SUPPORTED_ARCHITECTURES)}"
-            )
+        _check_architecture(self.architecture)
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads"):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
@@ -74,13 +76,17 @@ class ModelConfig:
                 )
             self.head_dim = self.hidden_size // self.num_heads
         if self.head_dim <= 0 or self.head_dim % 2:
-            raise ValueError(f"head_dim must be a positive even int (RoPE rotates pairs), got {self.head_dim}")
+            raise ValueError(
+                f"head_dim must be a positive even int (RoPE rotates pairs), got {self.head_dim}"
+            )
         if self.rope_theta <= 0:
             raise ValueError(f"rope_theta must be positive, got {self.rope_theta}")
         if self.rope_scaling is not None:
             rope_type = self.rope_scaling.get("rope_type", self.rope_scaling.get("type", "default"))
             if rope_type not in _ROPE_TYPES:
-                raise ValueError(f"unsupported rope_scaling type {rope_type!r}; supported: {list(_ROPE_TYPES)}")
+                raise ValueError(
+                    f"unsupported rope_scaling type {rope_type!r}; supported: {list(_ROPE_TYPES)}"
+                )
             self.rope_scaling = {**self.rope_scaling, "rope_type": rope_type}
             if rope_type == "default":
                 self.rope_scaling = None
@@ -106,10 +112,7 @@ class ModelConfig:
             architecture = _ARCH_BY_MODEL_TYPE[d["model_type"]]
         else:
             architecture = d.get("model_type", "<missing architectures and model_type>")
-        if architecture not in SUPPORTED_ARCHITECTURES:
-            raise ValueError(
-                f"unsupported architecture {architecture!r}; supported: {sorted(SUPPORTED_ARCHITECTURES)}"
-            )
+        _check_architecture(architecture)
         model_type = SUPPORTED_ARCHITECTURES[architecture]
         if d.get("use_sliding_window"):
             raise ValueError(f"{architecture} with use_sliding_window=true is not supported")

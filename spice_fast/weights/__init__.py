@@ -10,6 +10,7 @@ the previous checkpoint intact. tests/test_weights.py covers both directions and
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -20,7 +21,13 @@ from typing import Any
 import torch
 
 from spice_fast.model import CausalLM, ModelConfig
-from spice_fast.weights.safetensors_io import CheckpointError, fsync_tree, read_tensors, weight_files, write_shards
+from spice_fast.weights.safetensors_io import (
+    CheckpointError,
+    fsync_tree,
+    read_tensors,
+    weight_files,
+    write_shards,
+)
 from spice_fast.weights.sources import ALIASES, DEFAULT_MODEL, alias_path, hub_snapshot, looks_like_hub_id
 
 logger = logging.getLogger(__name__)
@@ -88,26 +95,55 @@ def load_directory(directory: Path, *, dtype: torch.dtype | None, device: torch.
     return model, tokenizer
 
 
+def gguf_cache_dir(path: Path) -> Path | None:
+    """Where the dequantized copy of a GGUF file is kept; ``None`` when caching is off.
+
+    Reading GGUF metadata is slow in pure Python (about 30 s for SmolLM2's 49k-token vocabulary),
+    so the first load writes an exact float32 safetensors copy, keyed by the file's path, size and
+    modification time; later loads read that. ``SPICE_FAST_CACHE`` sets the folder, ``off`` disables.
+    """
+    root = os.environ.get("SPICE_FAST_CACHE", "")
+    if root.strip().lower() == "off":
+        return None
+    base = Path(root).expanduser() if root else Path.home() / ".cache" / "spice_fast"
+    stat = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    return base / "gguf" / f"{path.stem}-{key}"
+
+
 def load_gguf(path: Path, *, dtype: torch.dtype | None, device: torch.device):
-    """Dequantize a GGUF file with transformers' GGUF support, then adopt its tensors."""
+    """Dequantize a GGUF file with transformers' GGUF support (once; see ``gguf_cache_dir``)."""
+    cache = gguf_cache_dir(path)
+    if cache is not None and (cache / "config.json").is_file():
+        try:
+            return load_directory(cache, dtype=dtype, device=device)
+        except CheckpointError as e:
+            logger.warning("cached copy of %s is unusable (%s); converting the GGUF file again", path, e)
     try:
         from transformers import AutoModelForCausalLM, AutoTokenizer
     except ImportError as e:
         raise CheckpointError("loading a .gguf file needs transformers, gguf and accelerate") from e
+    logger.warning("reading %s with transformers' GGUF loader (slow the first time only)", path)
     try:
-        hf_model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+        hf_model = AutoModelForCausalLM.from_pretrained(
+            str(path.parent), gguf_file=path.name, dtype=torch.float32
+        )
         tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    except (OSError, ValueError, KeyError, EOFError) as e:
+    except (OSError, ValueError, KeyError, EOFError, IndexError) as e:
         raise CheckpointError(f"{path}: cannot read GGUF file ({type(e).__name__}: {e})") from e
     config = ModelConfig.from_hf(hf_model.config.to_dict())
     state = hf_model.state_dict()
     expected = _expected_shapes(config)
-    target = dtype or _default_dtype(device)
-    tensors = {name: state[name].to(target) for name in expected if name in state}
-    missing = sorted(set(expected) - set(tensors))
+    missing = sorted(set(expected) - set(state))
     if missing:
         raise CheckpointError(f"{path}: tensor {missing[0]!r} is missing ({len(missing)} in all)")
-    return _build(config, tensors, device), tokenizer
+    model = _build(config, {name: state[name] for name in expected}, torch.device("cpu"))
+    if cache is not None:
+        try:
+            save(model, tokenizer, cache)
+        except OSError as e:
+            logger.warning("could not cache the converted GGUF file at %s (%s)", cache, e)
+    return model.to(device=device, dtype=dtype or _default_dtype(device)), tokenizer
 
 
 def load(

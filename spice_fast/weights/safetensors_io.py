@@ -44,7 +44,9 @@ def weight_files(directory: Path) -> dict[str, Path]:
         return files
     paths = sorted(directory.glob("*.safetensors"))
     if not paths:
-        pickles = sorted(p.name for p in directory.glob("*.bin")) + sorted(p.name for p in directory.glob("*.pt"))
+        pickles = sorted(p.name for p in directory.glob("*.bin")) + sorted(
+            p.name for p in directory.glob("*.pt")
+        )
         hint = (
             f"; found {pickles}, which spice_fast never unpickles: convert them to safetensors first"
             if pickles

@@ -48,7 +48,9 @@ def hub_snapshot(repo_id: str) -> Path:
     try:
         from huggingface_hub import snapshot_download
     except ImportError as e:
-        raise CheckpointError(f"loading hub id {repo_id!r} needs huggingface_hub: pip install huggingface_hub") from e
+        raise CheckpointError(
+            f"loading hub id {repo_id!r} needs huggingface_hub: pip install huggingface_hub"
+        ) from e
     offline = _offline()
     try:
         path = snapshot_download(

