@@ -18,6 +18,12 @@ PROMPT = "The capital of France is"
 
 
 @pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    """One GGUF conversion cache for this module, never the user's ~/.cache."""
+    return tmp_path_factory.mktemp("spice_fast_cache")
+
+
+@pytest.fixture(scope="module")
 def reference():
     path = alias_path("smollm2-135m")
     tok = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
@@ -30,9 +36,9 @@ def reference():
     return tok, ids, logits
 
 
-def test_default_model_logits_match_transformers_gguf_load(reference, tmp_path, monkeypatch):
+def test_default_model_logits_match_transformers_gguf_load(reference, cache_dir, monkeypatch):
     tok, ids, expected = reference
-    monkeypatch.setenv("SPICE_FAST_CACHE", str(tmp_path))
+    monkeypatch.setenv("SPICE_FAST_CACHE", str(cache_dir))
     for attempt in ("converted from GGUF", "read from the cache"):
         model, tokenizer = spice_fast.load("smollm2-135m", device="cpu")
         assert model.config.architecture == "LlamaForCausalLM" and model.config.tie_word_embeddings
@@ -40,10 +46,11 @@ def test_default_model_logits_match_transformers_gguf_load(reference, tmp_path, 
         assert tokenizer.chat_template == tok.chat_template, attempt
         with torch.no_grad():
             assert_close(model(ids), expected, atol=1e-4, name=attempt)
-    assert any(tmp_path.rglob("model.safetensors"))
+    assert any(cache_dir.rglob("model.safetensors"))
 
 
-def test_cli_generates_a_greedy_completion(capsys):
+def test_cli_generates_a_greedy_completion(capsys, cache_dir, monkeypatch):
+    monkeypatch.setenv("SPICE_FAST_CACHE", str(cache_dir))
     assert cli.main(["generate", "--max-tokens", "8", "--no-chat-template", PROMPT]) == 0
     out = capsys.readouterr().out
     assert PROMPT in out and "Paris" in out

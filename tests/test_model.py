@@ -168,3 +168,40 @@ def test_bad_input_ids_raise():
         ours(torch.zeros(5, dtype=torch.long))
     with pytest.raises(ValueError, match=r"\[B, T\] LongTensor"):
         ours(torch.zeros(1, 5, dtype=torch.int32))
+
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("arch", ARCHS)
+def test_bfloat16_error_within_twice_transformers_error(arch, device):
+    """STYLE.md error rule: vs a float64 reference, our bf16 logits are at most 2x transformers' bf16 error."""
+    hf = hf_model(arch, tied=False)
+    ours = ours_from_hf(hf)
+    ids = torch.randint(0, VOCAB, (2, 40), generator=torch.Generator().manual_seed(6)).to(device)
+    with torch.no_grad():
+        reference = ours_from_hf(hf).double().to(device)(ids)
+        hf_err = (hf.to(device, torch.bfloat16)(ids).logits.double() - reference).abs().max().item()
+        ours_err = (ours.to(device, torch.bfloat16)(ids).double() - reference).abs().max().item()
+    assert hf_err > 0
+    assert ours_err <= 2 * hf_err + 1e-6, (ours_err, hf_err)
+
+
+@pytest.mark.gpu
+def test_flash_attention_varlen_matches_sdpa_on_gpu():
+    pytest.importorskip("flash_attn")
+    from spice_fast.model import set_attention_backend
+
+    ours = ours_from_hf(hf_model("qwen3", tied=False)).to("cuda", torch.bfloat16)
+    lens = [17, 1, 64, 33]
+    ids = torch.randint(0, VOCAB, (sum(lens),), generator=torch.Generator().manual_seed(8)).cuda()
+    batch = AttentionBatch.packed(lens, "cuda")
+    with torch.no_grad():
+        flash = ours.forward_hidden(ids, batch)
+        set_attention_backend("torch")
+        try:
+            sdpa = ours.forward_hidden(ids, batch)
+        finally:
+            set_attention_backend("auto")
+    assert_close(flash.float(), sdpa.float(), atol=3e-2, rtol=3e-2)
