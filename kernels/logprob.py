@@ -1,0 +1,407 @@
+"""Log-probabilities of chosen tokens straight from the final hidden state and the LM head.
+
+``fused_linear_logprob(hidden, weight, targets)`` equals
+``log_softmax(hidden @ weight.T / temperature).gather(-1, targets)`` (``fused_linear_logprob_ref``), with
+the optional entropy of the same distribution, but never stores the [N, V] logits: rows are processed in
+chunks, each chunk's [C, V] logits are made by one GEMM, reduced to a few numbers per row (log-prob,
+log-sum-exp, 1 - p(target), entropy) and dropped. Backward recomputes each chunk's logits, turns them in
+place into dlogits and runs the two gradient GEMMs, so memory stays O(C * V + N) beyond the inputs.
+
+Two row backends share the chunk loop (switch in ``_utils.pick_backend``): Triton kernels
+(``_logprob_fwd_kernel`` / ``_logprob_bwd_kernel``, logits in the input dtype as cuBLAS returns them,
+upcast to fp32 inside) and plain PyTorch (the CPU path, everything in fp32).
+
+Numerics: temperature applied in fp32, out-of-range columns are -inf, 1 - p(target) is accumulated from
+the other columns so a near-certain token keeps its gradient, and log p(target) of the row maximum uses
+log1p so it does not round to 0. Tested by tests/test_kernels_logprob.py.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._utils import default_block_v, default_chunk_rows, lazy_jit, pick_backend
+
+tl = None  # triton.language, bound by _utils.lazy_jit at the first launch (keeps the import light)
+
+
+def fused_linear_logprob_ref(
+    hidden: torch.Tensor,  # [N, H]
+    weight: torch.Tensor,  # [V, H]
+    targets: torch.Tensor,  # [N]
+    *,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+):
+    """The definition of correct: full logits, log_softmax, gather. fp32 (fp64 for fp64 inputs) math."""
+    compute = torch.promote_types(hidden.dtype, torch.float32)
+    logits = (hidden @ weight.T).to(compute) / temperature  # [N, V]
+    logp_all = torch.log_softmax(logits, dim=-1)
+    logp = logp_all.gather(-1, targets.long().unsqueeze(-1)).squeeze(-1)
+    if not return_entropy:
+        return logp
+    entropy = -(logp_all.exp() * logp_all).sum(-1)
+    return logp, entropy
+
+
+# ---------------------------------------------------------------------------------------------------
+# Triton row kernels: one program per row of a [C, V] logits chunk, looping over V in BLOCK_V columns.
+
+
+@lazy_jit
+def _logprob_fwd_kernel(
+    logits_ptr,
+    stride_logits_row,
+    targets_ptr,
+    logp_ptr,
+    max_ptr,
+    log_s_ptr,
+    omp_ptr,
+    entropy_ptr,
+    num_cols,
+    inv_temperature,
+    BLOCK_V: tl.constexpr,
+    ENTROPY: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    row_ptr = logits_ptr + row * stride_logits_row
+    target = tl.load(targets_ptr + row).to(tl.int64)
+    z_t = tl.load(row_ptr + target).to(tl.float32) * inv_temperature
+    m = float("-inf")
+    s_other = 0.0  # sum of exp(z - m) over the columns other than the target
+    s_all = 0.0
+    acc = 0.0  # sum of exp(z - m) * (z - m), for the entropy
+    for start in range(0, num_cols, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        valid = cols < num_cols
+        z = tl.load(row_ptr + cols, mask=valid, other=float("-inf")).to(tl.float32) * inv_temperature
+        m_new = tl.maximum(m, tl.max(z, axis=0))
+        alpha = tl.exp(m - m_new)
+        e = tl.exp(z - m_new)
+        s_other = alpha * s_other + tl.sum(tl.where(cols == target, 0.0, e), axis=0)
+        if ENTROPY:
+            shift = tl.where(s_all > 0, m - m_new, 0.0) * s_all  # 0, not -inf * 0, on the first block
+            acc = alpha * (acc + shift) + tl.sum(e * tl.where(valid, z - m_new, 0.0), axis=0)
+            s_all = alpha * s_all + tl.sum(e, axis=0)
+        m = m_new
+    e_t = tl.exp(z_t - m)
+    s = e_t + s_other
+    log_s = tl.log(s)
+    # log1p(s_other) without libdevice: exact when 1 + s_other rounds to 1
+    u = 1.0 + s_other
+    log1p_other = tl.where(u == 1.0, s_other, tl.log(u) * s_other / tl.where(u == 1.0, 1.0, u - 1.0))
+    logp = tl.where(z_t == m, -log1p_other, (z_t - m) - log_s)
+    tl.store(logp_ptr + row, logp)
+    # the shift is kept as (max, log-sum) rather than max + log-sum: for logits far from 0 their fp32 sum
+    # would round, and backward's p_j would no longer add up with 1 - p_t (the cancellation in dhidden)
+    tl.store(max_ptr + row, m)
+    tl.store(log_s_ptr + row, log_s)
+    tl.store(omp_ptr + row, s_other / s)
+    if ENTROPY:
+        tl.store(entropy_ptr + row, tl.log(s_all) - acc / s_all)
+
+
+@lazy_jit
+def _logprob_bwd_kernel(
+    logits_ptr,
+    stride_logits_row,
+    targets_ptr,
+    max_ptr,
+    log_s_ptr,
+    omp_ptr,
+    entropy_ptr,
+    grad_logp_ptr,
+    stride_grad_logp,
+    grad_entropy_ptr,
+    stride_grad_entropy,
+    num_cols,
+    inv_temperature,
+    BLOCK_V: tl.constexpr,
+    ENTROPY: tl.constexpr,
+):
+    """Overwrites the row's logits with dloss/dlogits (the 1/temperature factor included)."""
+    row = tl.program_id(0).to(tl.int64)
+    row_ptr = logits_ptr + row * stride_logits_row
+    target = tl.load(targets_ptr + row).to(tl.int64)
+    m = tl.load(max_ptr + row)
+    log_s = tl.load(log_s_ptr + row)
+    omp = tl.load(omp_ptr + row)
+    g = tl.load(grad_logp_ptr + row * stride_grad_logp).to(tl.float32)
+    if ENTROPY:
+        ent = tl.load(entropy_ptr + row)
+        g_ent = tl.load(grad_entropy_ptr + row * stride_grad_entropy).to(tl.float32)
+    for start in range(0, num_cols, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        valid = cols < num_cols
+        z = tl.load(row_ptr + cols, mask=valid, other=float("-inf")).to(tl.float32) * inv_temperature
+        logp = (z - m) - log_s
+        p = tl.exp(logp)
+        dz = tl.where(cols == target, g * omp, -g * p)
+        if ENTROPY:
+            # dH/dz_j = -p_j (log p_j + H)
+            dz -= g_ent * p * tl.where(valid, logp + ent, 0.0)
+        tl.store(row_ptr + cols, (dz * inv_temperature).to(logits_ptr.dtype.element_ty), mask=valid)
+
+
+def logprob_rows_fwd(logits: torch.Tensor, targets: torch.Tensor, temperature: float, return_entropy: bool):
+    """Launcher: per-row (logp, max, log-sum-exp - max, 1 - p_target, entropy | None), all fp32 [C]."""
+    num_rows, num_cols = logits.shape
+    assert logits.stride(1) == 1 and targets.is_contiguous()
+    out = torch.empty(5 if return_entropy else 4, num_rows, device=logits.device, dtype=torch.float32)
+    if num_rows:
+        _logprob_fwd_kernel[(num_rows,)](
+            logits,
+            logits.stride(0),
+            targets,
+            out[0],
+            out[1],
+            out[2],
+            out[3],
+            out[4] if return_entropy else out[0],
+            num_cols,
+            1.0 / temperature,
+            BLOCK_V=default_block_v(num_cols),
+            ENTROPY=return_entropy,
+        )
+    return out[0], out[1], out[2], out[3], (out[4] if return_entropy else None)
+
+
+def logprob_rows_bwd(logits, targets, m, log_s, omp, entropy, grad_logp, grad_entropy, temperature: float):
+    """Launcher: overwrite ``logits`` [C, V] with dloss/dlogits. Upstream grads may be strided views."""
+    num_rows, num_cols = logits.shape
+    assert logits.stride(1) == 1
+    use_entropy = entropy is not None and grad_entropy is not None
+    if num_rows:
+        _logprob_bwd_kernel[(num_rows,)](
+            logits,
+            logits.stride(0),
+            targets,
+            m,
+            log_s,
+            omp,
+            entropy if use_entropy else m,
+            grad_logp,
+            grad_logp.stride(0),
+            grad_entropy if use_entropy else grad_logp,
+            grad_entropy.stride(0) if use_entropy else 0,
+            num_cols,
+            1.0 / temperature,
+            BLOCK_V=default_block_v(num_cols),
+            ENTROPY=use_entropy,
+        )
+    return logits
+
+
+# ---------------------------------------------------------------------------------------------------
+# PyTorch row path (CPU): the same quantities, in fp32, in place where it saves a [C, V] buffer.
+
+
+def _rows_fwd_torch(logits: torch.Tensor, targets: torch.Tensor, temperature: float, return_entropy: bool):
+    z = logits if logits.dtype == torch.float32 else logits.float()  # [C, V], modified in place below
+    if temperature != 1.0:
+        z.div_(temperature)
+    idx = targets.long().unsqueeze(-1)
+    m = z.amax(-1, keepdim=True)
+    z.sub_(m)  # z - m <= 0
+    z_t = z.gather(-1, idx).squeeze(-1)
+    e = torch.exp(z)  # [C, V]
+    # the other-columns mass without the target, so 1 - p_t keeps its small value
+    e.scatter_(-1, idx, 0.0)
+    s_other = e.sum(-1)
+    e_t = torch.exp(z_t)
+    s = e_t + s_other
+    log_s = torch.log(s)
+    logp = torch.where(z_t == 0, -torch.log1p(s_other), z_t - log_s)
+    omp = s_other / s
+    entropy = None
+    if return_entropy:
+        e.scatter_(-1, idx, e_t.unsqueeze(-1))
+        entropy = log_s - (e * z).sum(-1) / s
+    return logp, m.squeeze(-1), log_s, omp, entropy
+
+
+def _rows_bwd_torch(logits, targets, m, log_s, omp, entropy, grad_logp, grad_entropy, temperature: float):
+    """Returns dloss/dlogits [C, V] fp32, reusing ``logits``' storage when it is fp32."""
+    z = logits if logits.dtype == torch.float32 else logits.float()
+    if temperature != 1.0:
+        z.div_(temperature)
+    z.sub_(m.unsqueeze(-1)).sub_(log_s.unsqueeze(-1))  # log p, shifted exactly as in forward
+    g = grad_logp.float().unsqueeze(-1)
+    idx = targets.long().unsqueeze(-1)
+    tgt = g * omp.unsqueeze(-1)  # [C, 1] g (1 - p_t), not g - g p_t, which rounds to 0 when p_t ~ 1
+    if entropy is not None and grad_entropy is not None:
+        g_ent = grad_entropy.float().unsqueeze(-1)
+        h = entropy.unsqueeze(-1)
+        logp_t = z.gather(-1, idx)
+        tgt = tgt - g_ent * torch.exp(logp_t) * (logp_t + h)
+        p = torch.exp(z)
+        z.add_(h).mul_(p).mul_(-g_ent)  # g_ent dH/dz_j = -g_ent p_j (log p_j + H)
+        z.sub_(p.mul_(g))
+    else:
+        z.exp_().mul_(-g)
+    z.scatter_(-1, idx, tgt)
+    if temperature != 1.0:
+        z.div_(temperature)
+    return z
+
+
+# ---------------------------------------------------------------------------------------------------
+# Chunk loop shared by both row backends, the autograd wrapper and the public entry point.
+
+
+def chunk_logits(h_chunk: torch.Tensor, weight: torch.Tensor, backend: str) -> torch.Tensor:
+    """[C, V] logits of one chunk: cuBLAS in the input dtype for Triton, fp32 for the PyTorch path."""
+    if backend == "torch" and h_chunk.dtype != torch.float32:
+        return h_chunk.float() @ weight.float().T
+    return h_chunk @ weight.T
+
+
+def check_logprob_inputs(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float
+):
+    if hidden.dim() != 2 or weight.dim() != 2:
+        raise ValueError(
+            f"hidden [N, H] and weight [V, H] must be 2-D, got {tuple(hidden.shape)}, {tuple(weight.shape)}"
+        )
+    if hidden.shape[1] != weight.shape[1]:
+        raise ValueError(
+            f"hidden size mismatch: hidden {tuple(hidden.shape)} vs weight {tuple(weight.shape)}"
+        )
+    if targets.shape != hidden.shape[:1]:
+        raise ValueError(f"targets must have shape ({hidden.shape[0]},), got {tuple(targets.shape)}")
+    if targets.dtype.is_floating_point or targets.dtype == torch.bool:
+        raise TypeError(f"targets must be an integer tensor, got {targets.dtype}")
+    if hidden.dtype != weight.dtype:
+        raise TypeError(f"hidden and weight dtypes differ: {hidden.dtype} vs {weight.dtype}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= weight.shape[0]):
+        raise ValueError(
+            f"targets must lie in [0, {weight.shape[0]}), got [{int(targets.min())}, {int(targets.max())}]"
+        )
+
+
+def _forward_chunks(hidden, weight, targets, temperature, return_entropy, backend, chunk):
+    num_rows = hidden.shape[0]
+    rows_fwd = logprob_rows_fwd if backend == "triton" else _rows_fwd_torch
+    # rows: logp, max, log-sum-exp - max, 1 - p_target, entropy
+    stats = torch.empty(5, num_rows, device=hidden.device, dtype=torch.float32)
+    weight_gemm = weight.float() if backend == "torch" and weight.dtype != torch.float32 else weight
+    for start in range(0, num_rows, chunk):
+        end = min(start + chunk, num_rows)
+        logits = chunk_logits(hidden[start:end], weight_gemm, backend)  # [C, V]
+        *row_stats, ent = rows_fwd(logits, targets[start:end], temperature, return_entropy)
+        del logits
+        for i, value in enumerate(row_stats):
+            stats[i, start:end] = value
+        if return_entropy:
+            stats[4, start:end] = ent
+    return stats
+
+
+def _backward_chunks(
+    hidden, weight, targets, stats, grad_logp, grad_entropy, temperature, backend, chunk, need
+):
+    """dL/dhidden and dL/dweight: per chunk one logits GEMM, the row kernel, two gradient GEMMs."""
+    num_rows = hidden.shape[0]
+    rows_bwd = logprob_rows_bwd if backend == "triton" else _rows_bwd_torch
+    m, log_s, omp = stats[1], stats[2], stats[3]
+    entropy = stats[4] if grad_entropy is not None else None
+    grad_hidden = torch.empty_like(hidden) if need[0] else None
+    # fp32 accumulation of the weight gradient over chunks (in place when the GEMMs are fp32)
+    grad_weight = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32) if need[1] else None
+    weight_gemm = weight.float() if backend == "torch" and weight.dtype != torch.float32 else weight
+    for start in range(0, num_rows, chunk):
+        end = min(start + chunk, num_rows)
+        h = hidden[start:end]
+        logits = chunk_logits(h, weight_gemm, backend)  # [C, V]
+        dlogits = rows_bwd(
+            logits,
+            targets[start:end],
+            m[start:end],
+            log_s[start:end],
+            omp[start:end],
+            None if entropy is None else entropy[start:end],
+            grad_logp[start:end],
+            None if grad_entropy is None else grad_entropy[start:end],
+            temperature,
+        )
+        accumulate_grads(dlogits, h, weight_gemm, grad_hidden, grad_weight, start)
+        del logits, dlogits
+    if grad_weight is not None:
+        grad_weight = grad_weight.to(weight.dtype)
+    return grad_hidden, grad_weight
+
+
+def accumulate_grads(dlogits, h, weight_gemm, grad_hidden, grad_weight, start: int) -> None:
+    """The two gradient GEMMs of one chunk: rows of dL/dhidden, and dL/dweight added in fp32."""
+    if dlogits.dtype != weight_gemm.dtype:
+        dlogits = dlogits.to(weight_gemm.dtype)
+    if grad_hidden is not None:
+        grad_hidden[start : start + dlogits.shape[0]] = dlogits @ weight_gemm
+    if grad_weight is not None:
+        hg = h if h.dtype == dlogits.dtype else h.to(dlogits.dtype)
+        if grad_weight.dtype == dlogits.dtype:
+            grad_weight.addmm_(dlogits.T, hg)
+        else:
+            grad_weight += dlogits.T @ hg
+
+
+class _FusedLinearLogprob(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, temperature, return_entropy, backend, chunk):
+        stats = _forward_chunks(hidden, weight, targets, temperature, return_entropy, backend, chunk)
+        ctx.save_for_backward(hidden, weight, targets, stats)
+        ctx.config = (temperature, return_entropy, backend, chunk)
+        logp = stats[0].clone()
+        entropy = stats[4].clone() if return_entropy else stats.new_empty(0)
+        return logp, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_entropy):
+        hidden, weight, targets, stats = ctx.saved_tensors
+        temperature, return_entropy, backend, chunk = ctx.config
+        need = ctx.needs_input_grad[:2]
+        if not any(need):
+            return None, None, None, None, None, None, None
+        grad_hidden, grad_weight = _backward_chunks(
+            hidden,
+            weight,
+            targets,
+            stats,
+            grad_logp,
+            grad_entropy if return_entropy else None,
+            temperature,
+            backend,
+            chunk,
+            need,
+        )
+        return grad_hidden, grad_weight, None, None, None, None, None
+
+
+def fused_linear_logprob(
+    hidden: torch.Tensor,  # [N, H]
+    weight: torch.Tensor,  # [V, H]
+    targets: torch.Tensor,  # [N] int
+    *,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+    backend: str | None = None,
+    chunk_size: int | None = None,
+):
+    """log p(targets) [N] fp32 (and the entropy [N] fp32), differentiable in ``hidden`` and ``weight``.
+
+    Equivalent to ``fused_linear_logprob_ref``; no [N, V] tensor is ever stored. ``backend`` forces
+    ``"triton"`` or ``"torch"`` (default: ``SPICE_FAST_KERNELS``, else Triton on CUDA); ``chunk_size``
+    overrides the rows per vocabulary GEMM.
+    """
+    check_logprob_inputs(hidden, weight, targets, temperature)
+    chosen = pick_backend(backend, hidden, weight)
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    chunk = chunk_size or default_chunk_rows(hidden.shape[0], weight.shape[0], chosen)
+    targets = targets.contiguous()
+    logp, entropy = _FusedLinearLogprob.apply(
+        hidden, weight, targets, float(temperature), bool(return_entropy), chosen, chunk
+    )
+    return (logp, entropy) if return_entropy else logp

@@ -1,0 +1,251 @@
+"""fused_linear_logprob vs its reference: forward, gradients, regressions, memory, dispatch.
+
+Triton kernels run compiled on a GPU and under TRITON_INTERPRET=1 on a CPU: the variable is set below
+before Triton is imported; when another test module imported Triton first, the Triton cases rerun in a
+fresh process (test_triton_in_fresh_process). Run: python -m pytest -q tests/test_kernels_logprob.py
+"""
+
+import os
+import subprocess
+import sys
+
+import torch
+
+if not torch.cuda.is_available():
+    # before triton is first imported (its standard library is jitted then); harmless in a CPU-only run
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+from helpers import assert_error_rule  # noqa: E402
+from spice_fast.kernels import fused_linear_logprob, fused_linear_logprob_ref  # noqa: E402
+from spice_fast.kernels._utils import interpreter_ready, pick_backend, triton_available  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TRITON_HERE = triton_available() and (DEVICE == "cuda" or interpreter_ready())
+BACKENDS = [
+    "torch",
+    pytest.param(
+        "triton", marks=pytest.mark.skipif(not TRITON_HERE, reason="run by test_triton_in_fresh_process")
+    ),
+]
+
+
+@pytest.mark.skipif(TRITON_HERE or not triton_available(), reason="the Triton cases ran in this process")
+def test_triton_in_fresh_process():
+    """Triton was imported before TRITON_INTERPRET=1 (another test module): rerun the Triton cases cleanly."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__, "-k", "triton"]
+    subprocess.run(cmd, env=env, check=True, cwd=os.path.dirname(__file__))
+
+
+def make_inputs(num_rows, hidden_size, vocab, dtype, seed=0, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(num_rows, hidden_size, generator=g) * scale
+    weight = torch.randn(vocab, hidden_size, generator=g) / hidden_size**0.5 * 2
+    targets = torch.randint(0, vocab, (num_rows,), generator=g)
+    return hidden.to(DEVICE, dtype), weight.to(DEVICE, dtype), targets.to(DEVICE)
+
+
+def run(fn, hidden, weight, targets, grad_logp, grad_entropy=None, **kw):
+    """Outputs and (grad_hidden, grad_weight) of sum(logp * g) (+ sum(entropy * g_ent))."""
+    h = hidden.detach().clone().requires_grad_()
+    w = weight.detach().clone().requires_grad_()
+    out = fn(h, w, targets, return_entropy=grad_entropy is not None, **kw)
+    logp, entropy = out if grad_entropy is not None else (out, None)
+    loss = (logp * grad_logp.to(logp.dtype)).sum()
+    if entropy is not None:
+        loss = loss + (entropy * grad_entropy.to(entropy.dtype)).sum()
+    loss.backward()
+    return logp, entropy, h.grad, w.grad
+
+
+def check_against_ref(hidden, weight, targets, backend, *, entropy, temperature, chunk_size, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    grad_logp = torch.randn(hidden.shape[0], generator=g).to(DEVICE)
+    grad_ent = torch.randn(hidden.shape[0], generator=g).to(DEVICE) if entropy else None
+    kernel = run(
+        fused_linear_logprob, hidden, weight, targets, grad_logp, grad_ent,
+        temperature=temperature, backend=backend, chunk_size=chunk_size,
+    )  # fmt: skip
+    same = run(
+        fused_linear_logprob_ref, hidden, weight, targets, grad_logp, grad_ent, temperature=temperature
+    )
+    exact = run(
+        fused_linear_logprob_ref, hidden.double(), weight.double(), targets, grad_logp.double(),
+        None if grad_ent is None else grad_ent.double(), temperature=temperature,
+    )  # fmt: skip
+    tiny = 1e-5 if hidden.dtype == torch.float32 else 1e-3
+    for name, k, t, e in zip(
+        ("logp", "entropy", "grad_hidden", "grad_weight"), kernel, same, exact, strict=True
+    ):
+        if e is None:
+            continue
+        assert k.dtype == (torch.float32 if name in ("logp", "entropy") else hidden.dtype), name
+        assert torch.isfinite(k).all(), name
+        assert_error_rule(k, t, e, tiny=tiny, name=f"{backend} {hidden.dtype} {name}")
+    assert (kernel[0] <= 0).all(), "a log-probability is positive"
+    return kernel
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "num_rows,hidden_size,entropy,temperature,chunk_size",
+    [(1, 64, False, 1.0, None), (37, 64, True, 0.7, 16), (300, 128, False, 1.3, 128)],
+)
+def test_matches_reference(backend, dtype, num_rows, hidden_size, entropy, temperature, chunk_size):
+    hidden, weight, targets = make_inputs(num_rows, hidden_size, 1000 + 37, dtype)
+    check_against_ref(
+        hidden, weight, targets, backend, entropy=entropy, temperature=temperature, chunk_size=chunk_size
+    )
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("vocab", [49152 + 1, 151936])
+def test_real_vocab_sizes(backend, vocab):
+    hidden, weight, targets = make_inputs(3, 64, vocab, torch.float32, scale=3.0)
+    targets[0] = vocab - 1  # the last column sits in the partial block
+    check_against_ref(hidden, weight, targets, backend, entropy=True, temperature=1.0, chunk_size=2)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_strongly_negative_logits_no_nan(backend):
+    hidden, weight, targets = make_inputs(20, 64, 1037, torch.float32)
+    hidden[:, 0] = 1.0
+    weight[:, 0] = -20000.0  # every logit about -2e4: exp underflows unless shifted by the row max
+    logp, entropy, gh, gw = check_against_ref(
+        hidden, weight, targets, backend, entropy=True, temperature=0.9, chunk_size=8
+    )
+    assert torch.isfinite(entropy).all() and torch.isfinite(gh).all() and torch.isfinite(gw).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_peaked_distribution_keeps_gradient(backend, dtype):
+    # target logit ~28 above the rest: 1 - p(target) ~ 1e-9, below fp32 resolution near 1
+    hidden, weight, targets = make_inputs(16, 64, 1037, torch.float32, scale=0.1)
+    hidden[:, 0] = 1.0
+    weight[:, 0] = 0.0
+    weight[targets, 0] = 28.0
+    hidden, weight = hidden.to(dtype), weight.to(dtype)
+    g = torch.ones(16, device=DEVICE)
+    logp, _, gh, gw = run(fused_linear_logprob, hidden, weight, targets, g, backend=backend, chunk_size=5)
+    exact = run(fused_linear_logprob_ref, hidden.double(), weight.double(), targets, g.double())
+    assert (logp < 0).all(), "log p of a near-certain token rounded to 0"
+    # bf16 logits (Triton path) round the margin of 28 by up to 1/16: about 6% on the tiny tail mass
+    tol = 1e-3 if dtype == torch.float32 or backend == "torch" else 0.1
+    # gradients come back in the input dtype: bf16 rounding alone is 2^-9 relative
+    grad_tol = 1e-3 if dtype == torch.float32 else (1e-2 if backend == "torch" else 0.2)
+    rel = ((logp.double() - exact[0]) / exact[0]).abs().max().item()
+    assert rel < tol, f"relative error of -log p {rel:.2e}"
+    # dL/dhidden = sum_j p_j (W_t - W_j) is ~1e-11: losing 1 - p_t to rounding makes the error O(1)
+    for name, got, want in (("grad_hidden", gh, exact[2]), ("grad_weight", gw, exact[3])):
+        err = ((got.double() - want).norm() / want.norm()).item()
+        assert err < grad_tol, f"relative error of {name} {err:.2e}"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_noncontiguous_inputs_and_upstream_grad(backend):
+    base, weight, targets = make_inputs(46, 128, 1037, torch.float32)
+    hidden = base[::2, ::2]  # [23, 64], strided
+    weight = weight[:, ::2]
+    targets = targets[::2]
+    g_full = torch.randn(23, 3, device=DEVICE)
+    grad = g_full[:, 1]  # stride 3
+    assert not hidden.is_contiguous() and not grad.is_contiguous()
+    k = run(fused_linear_logprob, hidden, weight, targets, grad, backend=backend, chunk_size=7)
+    e = run(fused_linear_logprob_ref, hidden.double(), weight.double(), targets, grad.double())
+    t = run(fused_linear_logprob_ref, hidden, weight, targets, grad)
+    for i in (0, 2, 3):
+        assert_error_rule(k[i], t[i], e[i], tiny=1e-5, name=f"output {i}")
+
+
+def test_backends_agree_and_chunking_is_invisible():
+    hidden, weight, targets = make_inputs(50, 64, 1037, torch.float32)
+    a = fused_linear_logprob(hidden, weight, targets, backend="torch", chunk_size=1)
+    b = fused_linear_logprob(hidden, weight, targets, backend="torch", chunk_size=50)
+    c = fused_linear_logprob(hidden, weight, targets, backend="torch", chunk_size=13)
+    assert (a - b).abs().max() < 1e-5 and (a - c).abs().max() < 1e-5
+
+
+class LargestTensor(TorchDispatchMode):
+    """Records the largest tensor (in bytes) any op creates, forward and backward."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, tuple | list) else (out,):
+            if isinstance(t, torch.Tensor):
+                # bytes: the Triton interpreter copies kernel arguments as raw byte storages
+                self.largest = max(self.largest, t.numel() * t.element_size())
+        return out
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_never_materialises_n_by_v(backend):
+    num_rows, vocab, chunk = 256, 1037, 32
+    hidden, weight, targets = make_inputs(num_rows, 64, vocab, torch.float32)
+    hidden.requires_grad_()
+    weight.requires_grad_()
+    with LargestTensor() as mode:
+        logp, ent = fused_linear_logprob(
+            hidden, weight, targets, return_entropy=True, backend=backend, chunk_size=chunk
+        )
+        (logp.sum() + ent.sum()).backward()
+    # the largest tensors allowed: one [chunk, V] logits block and the [V, H] weight gradient
+    allowed = 4 * max(chunk * vocab, vocab * hidden.shape[1])
+    assert allowed < 4 * num_rows * vocab
+    assert mode.largest <= allowed, f"a tensor of {mode.largest} bytes (> {allowed})"
+    with LargestTensor() as ref_mode:
+        fused_linear_logprob_ref(hidden, weight, targets).sum().backward()
+    assert ref_mode.largest >= 4 * num_rows * vocab  # the probe does see the naive [N, V] logits
+
+
+def test_input_validation():
+    hidden, weight, targets = make_inputs(4, 64, 100, torch.float32)
+    with pytest.raises(ValueError, match="targets"):
+        fused_linear_logprob(hidden, weight, targets + 100)
+    with pytest.raises(ValueError, match="hidden size"):
+        fused_linear_logprob(hidden[:, :32], weight, targets)
+    with pytest.raises(ValueError, match="temperature"):
+        fused_linear_logprob(hidden, weight, targets, temperature=0.0)
+    with pytest.raises(TypeError, match="targets"):
+        fused_linear_logprob(hidden, weight, targets.float())
+    with pytest.raises(ValueError, match="backend"):
+        fused_linear_logprob(hidden, weight, targets, backend="cuda")
+
+
+def test_backend_switch(monkeypatch):
+    cpu = torch.zeros(1)
+    monkeypatch.setenv("SPICE_FAST_KERNELS", "torch")
+    assert pick_backend(None, cpu) == "torch"
+    monkeypatch.setenv("SPICE_FAST_KERNELS", "auto")
+    assert pick_backend(None, cpu) == "torch"
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    if triton_available():
+        with pytest.raises(ValueError, match="TRITON_INTERPRET"):
+            pick_backend("triton", cpu)
+
+
+@pytest.mark.gpu
+def test_int64_offsets_large_chunk():
+    # one chunk of 14200 x 151936 bf16 logits: row offsets pass 2^31 elements
+    hidden, weight, targets = make_inputs(14200, 64, 151936, torch.bfloat16)
+    targets[-1] = 151935
+    logp = fused_linear_logprob(hidden, weight, targets, backend="triton", chunk_size=14200)
+    tail = fused_linear_logprob_ref(hidden[-8:], weight, targets[-8:])
+    assert (logp[-8:] - tail).abs().max() < 5e-2
+
+
+def test_import_is_light():
+    code = (
+        "import sys, spice_fast.kernels\n"
+        "bad = [m for m in sys.modules if m.startswith(('transformers', 'spice_fast.engine', "
+        "'spice_fast.train', 'spice_fast.spice'))]\n"
+        "assert not bad, bad\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
