@@ -4,10 +4,14 @@ Metadata lives in pyproject.toml. Adding a native extension is one line in EXTEN
 (module name, list of sources under csrc/). Sources are compiled as C++17 with pybind11.
 """
 
+from glob import glob
+
 from pybind11.setup_helpers import Pybind11Extension, build_ext
 from setuptools import find_packages, setup
 
-EXTENSIONS: list[tuple[str, list[str]]] = []
+EXTENSIONS: list[tuple[str, list[str]]] = [
+    ("spice_fast._matcher", glob("csrc/matcher/*.cpp") + ["csrc/bindings.cpp"]),
+]
 
 
 def _extension(name: str, sources: list[str]) -> Pybind11Extension:
