@@ -97,7 +97,8 @@ def _completion_text(completion: object, index: int) -> Text:
         content = completion[-1].get("content", "")
         if isinstance(content, str | bytes):
             return content
-    raise TypeError(f"completions[{index}]: expected str, bytes or a list of messages, got {type(completion).__name__}")
+    got = type(completion).__name__
+    raise TypeError(f"completions[{index}]: expected str, bytes or a list of messages, got {got}")
 
 
 def reward_fn(completions: Sequence[object], answers: Sequence[Text], **kwargs: object) -> list[float]:
