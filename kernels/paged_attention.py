@@ -2,13 +2,27 @@
 
 The KV pool of one layer is ``k_cache``/``v_cache`` ``[num_blocks, block_size, num_kv_heads, head_dim]``;
 sequence ``b`` owns the blocks ``block_tables[b, :ceil(context_lens[b] / block_size)]`` in order, and its
-new token's K/V are already written. ``paged_decode_attention_ref`` is the definition of correct:
-gather the blocks, mask past ``context_lens``, and run SDPA, which is exactly causal attention of the
-last token over its sequence. Tests compare it with dense causal attention over the same tokens.
+new token's K/V are already written.
+
+* ``paged_decode_attention_ref``: the definition of correct. Gather the blocks, mask past
+  ``context_lens``, run SDPA: exactly causal attention of the last token over its sequence.
+* ``paged_decode_attention``: the launcher. Triton on CUDA tensors (or on CPU tensors under
+  ``TRITON_INTERPRET=1`` when forced), the reference otherwise. One program per (sequence, KV head,
+  split of the KV length): the grouped query heads of a KV head are handled together, so each K/V
+  element is read once; scores and the online softmax are fp32. With several splits a second
+  kernel merges the partial results (log-sum-exp weighting).
+
+tests/test_paged_attention.py compares the kernel with the reference on odd shapes.
 """
+
+from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from ._utils import lazy_jit, next_pow2, pick_backend
+
+tl = None  # triton.language, bound by _utils.lazy_jit at the first launch
 
 
 def paged_decode_attention_ref(
@@ -19,25 +33,196 @@ def paged_decode_attention_ref(
     context_lens: torch.Tensor,  # [B] int, tokens each sequence attends to (its new one included)
     scale: float,
 ) -> torch.Tensor:  # [B, num_heads, head_dim]
+    _check(q, k_cache, v_cache, block_tables, context_lens)
     num_seqs, num_heads, head_dim = q.shape
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
-    if num_heads % num_kv_heads:
-        raise ValueError(f"num_heads={num_heads} is not a multiple of num_kv_heads={num_kv_heads}")
-    if block_tables.shape[0] != num_seqs or context_lens.shape != (num_seqs,):
-        raise ValueError(
-            f"block_tables {tuple(block_tables.shape)} and context_lens {tuple(context_lens.shape)} "
-            f"do not match {num_seqs} sequences"
-        )
     max_blocks = block_tables.shape[1]
     tables = block_tables.long()
     k = k_cache[tables].reshape(num_seqs, max_blocks * block_size, num_kv_heads, head_dim)
     v = v_cache[tables].reshape(num_seqs, max_blocks * block_size, num_kv_heads, head_dim)
-    group = num_heads // num_kv_heads
-    k = k.repeat_interleave(group, dim=2).transpose(1, 2)  # [B, num_heads, S, D]
-    v = v.repeat_interleave(group, dim=2).transpose(1, 2)
     positions = torch.arange(max_blocks * block_size, device=q.device)
     mask = positions[None, :] < context_lens.to(q.device).long()[:, None]  # [B, S]
     out = F.scaled_dot_product_attention(
-        q.unsqueeze(2), k, v, attn_mask=mask[:, None, None, :], scale=scale
+        q.unsqueeze(2),
+        k.transpose(1, 2),
+        v.transpose(1, 2),
+        attn_mask=mask[:, None, None, :],
+        scale=scale,
+        enable_gqa=num_heads != num_kv_heads,
     )  # [B, num_heads, 1, D]
     return out.squeeze(2)
+
+
+def _check(q, k_cache, v_cache, block_tables, context_lens) -> None:
+    if q.dim() != 3 or k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
+        raise ValueError(
+            f"expected q [B, H, D] and equal caches [blocks, block_size, kv_heads, D], got q "
+            f"{tuple(q.shape)}, k_cache {tuple(k_cache.shape)}, v_cache {tuple(v_cache.shape)}"
+        )
+    num_seqs, num_heads, head_dim = q.shape
+    if k_cache.shape[3] != head_dim or num_heads % k_cache.shape[2]:
+        raise ValueError(
+            f"q has {num_heads} heads of {head_dim}; the cache has {k_cache.shape[2]} KV heads of "
+            f"{k_cache.shape[3]} (num_heads must be a multiple of num_kv_heads)"
+        )
+    if block_tables.dim() != 2 or block_tables.shape[0] != num_seqs or context_lens.shape != (num_seqs,):
+        raise ValueError(
+            f"block_tables {tuple(block_tables.shape)} and context_lens {tuple(context_lens.shape)} "
+            f"do not match {num_seqs} sequences"
+        )
+
+
+@lazy_jit
+def _paged_decode_kernel(
+    q_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr, out_ptr, m_ptr, l_ptr,
+    stride_q_seq, stride_q_head,
+    stride_k_block, stride_k_tok, stride_k_head,
+    stride_table_seq,
+    stride_o_seq, stride_o_head, stride_o_split,
+    stride_m_seq, stride_m_head,
+    scale,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    PAGES_PER_SPLIT: tl.constexpr, NORMALIZE: tl.constexpr,
+):  # fmt: skip
+    seq = tl.program_id(0).to(tl.int64)
+    kv_head = tl.program_id(1).to(tl.int64)
+    split = tl.program_id(2).to(tl.int64)
+    ctx = tl.load(lens_ptr + seq).to(tl.int64)
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    heads = kv_head * GROUP + offs_g  # query heads sharing this KV head
+    g_mask = offs_g < GROUP
+    d_mask = offs_d < HEAD_DIM
+    q = tl.load(
+        q_ptr + seq * stride_q_seq + heads[:, None] * stride_q_head + offs_d[None, :],
+        mask=g_mask[:, None] & d_mask[None, :],
+        other=0.0,
+    ).to(tl.float32)  # [BLOCK_G, BLOCK_D]
+    m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
+    first_page = split * PAGES_PER_SPLIT
+    # Table entries past the context are never read: they may hold anything.
+    last_page = tl.minimum(first_page + PAGES_PER_SPLIT, (ctx + BLOCK_SIZE - 1) // BLOCK_SIZE)
+    for page in range(first_page, last_page):
+        pos = page * BLOCK_SIZE + offs_n  # [BLOCK_N]
+        n_mask = (offs_n < BLOCK_SIZE) & (pos < ctx)
+        block = tl.load(tables_ptr + seq * stride_table_seq + page)
+        base = block.to(tl.int64) * stride_k_block + kv_head * stride_k_head
+        kv_off = base + offs_n[:, None] * stride_k_tok + offs_d[None, :]
+        kv_mask = n_mask[:, None] & d_mask[None, :]
+        k = tl.load(k_ptr + kv_off, mask=kv_mask, other=0.0).to(tl.float32)  # [BLOCK_N, BLOCK_D]
+        scores = tl.sum(q[:, None, :] * k[None, :, :], axis=2) * scale  # [BLOCK_G, BLOCK_N]
+        scores = tl.where(n_mask[None, :], scores, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+        # A page with no valid token leaves m at -inf; keep exp() finite.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m_i - m_safe)
+        prob = tl.exp(scores - m_safe[:, None])
+        v = tl.load(v_ptr + kv_off, mask=kv_mask, other=0.0).to(tl.float32)
+        acc = acc * alpha[:, None] + tl.sum(prob[:, :, None] * v[None, :, :], axis=1)
+        l_i = l_i * alpha + tl.sum(prob, axis=1)
+        m_i = m_new
+    out_off = seq * stride_o_seq + heads[:, None] * stride_o_head + split * stride_o_split + offs_d[None, :]
+    out_mask = g_mask[:, None] & d_mask[None, :]
+    if NORMALIZE:
+        tl.store(out_ptr + out_off, (acc / l_i[:, None]).to(out_ptr.dtype.element_ty), mask=out_mask)
+    else:
+        tl.store(out_ptr + out_off, acc, mask=out_mask)
+        ml_off = seq * stride_m_seq + heads * stride_m_head + split
+        tl.store(m_ptr + ml_off, m_i, mask=g_mask)
+        tl.store(l_ptr + ml_off, l_i, mask=g_mask)
+
+
+@lazy_jit
+def _merge_splits_kernel(
+    part_ptr, m_ptr, l_ptr, out_ptr,
+    stride_p_row, stride_o_row,
+    NUM_SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    row = tl.program_id(0).to(tl.int64)  # one (sequence, query head)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    s_mask = offs_s < NUM_SPLITS
+    m = tl.load(m_ptr + row * NUM_SPLITS + offs_s, mask=s_mask, other=float("-inf"))
+    l_part = tl.load(l_ptr + row * NUM_SPLITS + offs_s, mask=s_mask, other=0.0)
+    m_max = tl.max(m, axis=0)
+    w = tl.where(m == float("-inf"), 0.0, tl.exp(m - m_max))  # [BLOCK_S]
+    parts = tl.load(
+        part_ptr + row * stride_p_row + offs_s[:, None] * HEAD_DIM + offs_d[None, :],
+        mask=s_mask[:, None] & (offs_d[None, :] < HEAD_DIM),
+        other=0.0,
+    )
+    out = tl.sum(parts * w[:, None], axis=0) / tl.sum(l_part * w, axis=0)
+    tl.store(out_ptr + row * stride_o_row + offs_d, out.to(out_ptr.dtype.element_ty), mask=offs_d < HEAD_DIM)
+
+
+def _num_splits(q: torch.Tensor, num_kv_heads: int, max_blocks: int) -> int:
+    if not q.is_cuda:
+        return 1
+    # Enough programs to cover the GPU twice over when there are few sequences.
+    sms = torch.cuda.get_device_properties(q.device).multi_processor_count
+    programs = q.shape[0] * num_kv_heads
+    return max(1, min(max_blocks, -(-2 * sms // programs), 64))
+
+
+def paged_decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+    *,
+    num_splits: int | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:  # [B, num_heads, head_dim]
+    """Decode attention over a paged KV cache; see the module docstring for the dispatch."""
+    if pick_backend(backend, q, k_cache) == "torch":
+        return paged_decode_attention_ref(q, k_cache, v_cache, block_tables, context_lens, scale)
+    _check(q, k_cache, v_cache, block_tables, context_lens)
+    if q.stride(-1) != 1 or k_cache.stride(-1) != 1 or v_cache.stride() != k_cache.stride():
+        raise ValueError("q, k_cache and v_cache need a contiguous last dimension and equal cache strides")
+    num_seqs, num_heads, head_dim = q.shape
+    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    max_blocks = block_tables.shape[1]
+    splits = num_splits or _num_splits(q, num_kv_heads, max_blocks)
+    splits = max(1, min(splits, max_blocks))
+    pages_per_split = -(-max_blocks // splits)
+    splits = -(-max_blocks // pages_per_split)
+    tables = block_tables.to(torch.int32).contiguous()
+    lens = context_lens.to(torch.int32).contiguous()
+    # Triton's CPU interpreter truncates fp32 -> bf16/fp16 stores instead of rounding to nearest as GPUs
+    # do; there the kernel writes fp32 and PyTorch rounds, so tests see the GPU's numerics.
+    out_dtype = q.dtype if q.is_cuda else torch.float32
+    out = torch.empty(q.shape, dtype=out_dtype, device=q.device)
+    group = num_heads // num_kv_heads
+    meta = dict(
+        GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
+        BLOCK_G=next_pow2(group), BLOCK_D=next_pow2(head_dim), BLOCK_N=next_pow2(block_size),
+        PAGES_PER_SPLIT=pages_per_split,
+    )  # fmt: skip
+    grid = (num_seqs, num_kv_heads, splits)
+    if splits == 1:
+        _paged_decode_kernel[grid](
+            q, k_cache, v_cache, tables, lens, out, out, out,
+            q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+            tables.stride(0), out.stride(0), out.stride(1), 0, 0, 0, scale, NORMALIZE=True, **meta,
+        )  # fmt: skip
+        return out.to(q.dtype)
+    part = torch.empty(num_seqs, num_heads, splits, head_dim, dtype=torch.float32, device=q.device)
+    m = torch.empty(num_seqs, num_heads, splits, dtype=torch.float32, device=q.device)
+    l_sum = torch.empty_like(m)
+    _paged_decode_kernel[grid](
+        q, k_cache, v_cache, tables, lens, part, m, l_sum,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        tables.stride(0), part.stride(0), part.stride(1), part.stride(2), m.stride(0), m.stride(1), scale,
+        NORMALIZE=False, **meta,
+    )  # fmt: skip
+    _merge_splits_kernel[(num_seqs * num_heads,)](
+        part, m, l_sum, out, part.stride(1), head_dim,
+        NUM_SPLITS=splits, HEAD_DIM=head_dim, BLOCK_S=next_pow2(splits), BLOCK_D=next_pow2(head_dim),
+    )  # fmt: skip
+    return out.to(q.dtype)

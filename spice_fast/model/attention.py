@@ -5,7 +5,9 @@
   sequence. Backends: flash-attn's varlen kernel on a GPU when installed (fp16/bf16), else PyTorch
   SDPA (one batched call when all sequences have the same length, one call per sequence otherwise).
 * Paged decode mode (sampler): one new token per sequence attends over its KV blocks in a
-  ``PagedKVCache``; ``spice_fast.kernels.paged_decode_attention_ref`` is the CPU path.
+  ``PagedKVCache``: flash-attn's ``flash_attn_with_kvcache`` on a GPU when installed and the block
+  size is a multiple of 256 (its paging granularity), else the Triton kernel of
+  ``spice_fast.kernels.paged_attention`` on a GPU, else its PyTorch reference (the CPU path).
 
 In both modes, when a ``PagedKVCache`` and a ``slot_mapping`` are given, each token's K/V are
 written to its slot of the pool first, so a prefill fills the cache that later decode steps read.
@@ -22,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from spice_fast.kernels.paged_attention import paged_decode_attention as _paged_decode_kernel
 from spice_fast.kernels.paged_attention import paged_decode_attention_ref
 from spice_fast.model.config import ModelConfig
 from spice_fast.model.layers import RMSNorm, RotaryEmbedding
@@ -30,8 +33,7 @@ logger = logging.getLogger(__name__)
 
 _BACKENDS = ("auto", "torch")
 _backend = os.environ.get("SPICE_FAST_ATTENTION", "auto")
-_flash_varlen = None
-_flash_checked = False
+_flash = {}  # name -> flash-attn function, filled on first use
 
 
 def set_attention_backend(name: str) -> None:
@@ -42,17 +44,17 @@ def set_attention_backend(name: str) -> None:
     _backend = name
 
 
-def _flash_attn_varlen():
-    global _flash_varlen, _flash_checked
-    if not _flash_checked:
-        _flash_checked = True
+def _flash_fn(name: str):
+    """A flash-attn function, or None when flash-attn is not installed (said once in the log)."""
+    if not _flash:
         try:
-            from flash_attn import flash_attn_varlen_func
+            import flash_attn
         except ImportError:
-            logger.info("flash-attn is not installed; packed attention uses PyTorch SDPA")
-        else:
-            _flash_varlen = flash_attn_varlen_func
-    return _flash_varlen
+            logger.info("flash-attn is not installed; attention uses PyTorch SDPA and Triton")
+            flash_attn = None
+        _flash["module"] = flash_attn
+    module = _flash["module"]
+    return getattr(module, name, None) if module is not None else None
 
 
 @dataclass
@@ -145,7 +147,7 @@ def packed_causal_attention(
     batch: AttentionBatch,
     scale: float,
 ) -> torch.Tensor:  # [N, num_heads, D]
-    flash = _flash_attn_varlen() if _backend == "auto" and q.is_cuda else None
+    flash = _flash_fn("flash_attn_varlen_func") if _backend == "auto" and q.is_cuda else None
     if flash is not None and q.dtype in (torch.float16, torch.bfloat16):
         return flash(
             q, k, v, batch.cu_seqlens, batch.cu_seqlens, batch.max_seqlen, batch.max_seqlen,
@@ -179,7 +181,16 @@ def paged_decode_attention(
     batch: AttentionBatch,
     scale: float,
 ) -> torch.Tensor:  # [B, num_heads, D]
-    return paged_decode_attention_ref(q, k_cache, v_cache, batch.block_tables, batch.context_lens, scale)
+    if _backend == "torch" or not q.is_cuda:
+        return paged_decode_attention_ref(q, k_cache, v_cache, batch.block_tables, batch.context_lens, scale)
+    flash = _flash_fn("flash_attn_with_kvcache") if k_cache.shape[1] % 256 == 0 else None
+    if flash is not None and q.dtype in (torch.float16, torch.bfloat16):
+        out = flash(
+            q.unsqueeze(1), k_cache, v_cache, cache_seqlens=batch.context_lens,
+            block_table=batch.block_tables, softmax_scale=scale, causal=True,
+        )  # fmt: skip
+        return out.squeeze(1)
+    return _paged_decode_kernel(q, k_cache, v_cache, batch.block_tables, batch.context_lens, scale)
 
 
 class Attention(nn.Module):

@@ -1,0 +1,378 @@
+"""The rollout engine: paged KV cache, shared prompt prefill, continuous batching, keyed sampling.
+
+``Engine(model, tokenizer, ...)`` allocates the KV pool once; ``generate(prompts, params)`` runs
+over the model's own parameter tensors (a trainer's in-place updates are seen by the next call,
+with no copy). Per call:
+
+* A request with ``n`` samples is prefilled once. Its full prompt blocks are shared by all ``n``
+  children (reference counts); the partial last block is copied per child (copy-on-write). All
+  children draw their first token from the one prefill logits row, each with its own noise.
+* Waiting requests join while blocks and sequence slots are free; finished sequences leave at once
+  and free their blocks. When a decode step finds no free block, the most recently admitted
+  sequence is preempted: its blocks are freed and it is recomputed later from its tokens, drawing
+  the same tokens again (the sampling noise is keyed by seed, sample and position).
+* The KV pool is emptied at the start of every call: KV written before a weight update is stale.
+
+tests/test_engine.py checks greedy output against transformers, logprobs against a full forward,
+prefix sharing on the allocator's counts, seeded reproducibility, pool exhaustion and weight updates.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from spice_fast.engine.block_pool import BlockPool
+from spice_fast.engine.params import Completion, RequestOutput, SamplingParams
+from spice_fast.engine.sampling import row_key, sample_tokens
+from spice_fast.model import AttentionBatch, CausalLM, PagedKVCache
+
+logger = logging.getLogger(__name__)
+
+_DEFAULT_CPU_KV_BYTES = 4 * 1024**3
+_DEFAULT_GPU_KV_FRACTION = 0.5
+
+
+@dataclass
+class _Sequence:
+    request: int  # index of the request in the call
+    sample: int  # index of this completion within the request
+    prompt_len: int
+    tokens: list[int]  # prompt + generated
+    seed: int
+    params: SamplingParams
+    logprobs: list[float] = field(default_factory=list)
+    blocks: list[int] = field(default_factory=list)  # block table
+    num_cached: int = 0  # tokens whose K/V are in the pool
+    finish_reason: str | None = None
+    text: str = ""
+
+    @property
+    def output(self) -> list[int]:
+        return self.tokens[self.prompt_len :]
+
+
+@dataclass
+class EngineStats:
+    num_prefill_tokens: int = 0  # tokens run through prefill (shared prompts counted once)
+    num_generated_tokens: int = 0
+    num_preemptions: int = 0
+    num_steps: int = 0
+    peak_blocks_used: int = 0
+
+
+class Engine:
+    def __init__(
+        self,
+        model: CausalLM,
+        tokenizer=None,
+        *,
+        max_num_seqs: int = 256,
+        max_model_len: int = 4096,
+        block_size: int = 16,
+        kv_cache_gb: float | None = None,
+        max_num_batched_tokens: int | None = None,
+    ):
+        if not isinstance(model, CausalLM):
+            raise TypeError(f"model: expected a spice_fast CausalLM, got {type(model).__name__}")
+        for name, value in (
+            ("max_num_seqs", max_num_seqs),
+            ("max_model_len", max_model_len),
+            ("block_size", block_size),
+        ):
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if kv_cache_gb is not None and not kv_cache_gb > 0:
+            raise ValueError(f"kv_cache_gb must be positive, got {kv_cache_gb!r}")
+        self.model, self.tokenizer = model, tokenizer
+        self.max_num_seqs, self.max_model_len, self.block_size = max_num_seqs, max_model_len, block_size
+        self.max_num_batched_tokens = max_num_batched_tokens or max(max_model_len, 8192)
+        config = model.config
+        block_bytes = (
+            2 * config.num_layers * block_size * config.num_kv_heads * config.head_dim * model.dtype.itemsize
+        )
+        wanted = max_num_seqs * -(-max_model_len // block_size)
+        if kv_cache_gb is not None:
+            num_blocks = int(kv_cache_gb * 1024**3 // block_bytes)
+        else:
+            if model.device.type == "cuda":
+                budget = int(torch.cuda.mem_get_info(model.device)[0] * _DEFAULT_GPU_KV_FRACTION)
+            else:
+                budget = _DEFAULT_CPU_KV_BYTES
+            num_blocks = min(wanted, budget // block_bytes)
+        if num_blocks < 1:
+            raise ValueError(f"kv_cache_gb={kv_cache_gb} holds no block of {block_bytes} bytes")
+        self.cache = PagedKVCache.allocate(config, num_blocks, block_size, model.dtype, model.device)
+        self.pool = BlockPool(num_blocks)
+        self.stats = EngineStats()
+        self._stop_ids = set(config.eos_token_ids)
+        if tokenizer is not None and tokenizer.eos_token_id is not None:
+            self._stop_ids.add(tokenizer.eos_token_id)
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        return 2 * self.cache.k.numel() * self.cache.k.element_size()
+
+    # ---- public API ----
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        prompts: list[str] | list[list[int]] | str,
+        params: SamplingParams | list[SamplingParams] | None = None,
+        *,
+        progress: bool = False,
+    ) -> list[RequestOutput]:
+        if isinstance(prompts, str) or (
+            isinstance(prompts, list) and prompts and isinstance(prompts[0], int)
+        ):
+            prompts = [prompts]
+        if not isinstance(prompts, list | tuple) or not prompts:
+            raise ValueError("prompts must be a non-empty list of strings or token-id lists")
+        params_list = self._params_per_prompt(params, len(prompts))
+        outputs, groups = [], deque()
+        for i, (prompt, sp) in enumerate(zip(prompts, params_list, strict=True)):
+            ids = self._encode(i, prompt)
+            self._check_fits(i, len(ids), sp)
+            outputs.append(RequestOutput(i, prompt if isinstance(prompt, str) else None, ids))
+            seed = sp.seed if sp.seed is not None else random.getrandbits(63)
+            seqs = [_Sequence(i, s, len(ids), list(ids), seed, sp) for s in range(sp.n)]
+            groups.append(seqs)
+        self.pool.reset()
+        self.stats = EngineStats()
+        finished = self._run(groups, sum(len(g) for g in groups), progress)
+        for seq in sorted(finished, key=lambda s: (s.request, s.sample)):
+            outputs[seq.request].outputs.append(
+                Completion(seq.sample, seq.output, seq.text, seq.logprobs, seq.finish_reason)
+            )
+        self.stats.peak_blocks_used = self.pool.peak_used
+        self.pool.reset()
+        return outputs
+
+    # ---- validation ----
+
+    def _params_per_prompt(self, params, count: int) -> list[SamplingParams]:
+        if params is None:
+            return [SamplingParams()] * count
+        if isinstance(params, SamplingParams):
+            return [params] * count
+        if (
+            isinstance(params, list | tuple)
+            and len(params) == count
+            and all(isinstance(p, SamplingParams) for p in params)
+        ):
+            return list(params)
+        raise ValueError(f"params must be a SamplingParams or a list of {count} SamplingParams")
+
+    def _encode(self, index: int, prompt) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError(
+                    f"prompt {index} is a string but the engine has no tokenizer; pass token ids"
+                )
+            ids = self.tokenizer.encode(prompt)
+        else:
+            ids = list(prompt)
+            if not all(isinstance(t, int) for t in ids):
+                raise ValueError(f"prompt {index} must be a string or a list of ints")
+        vocab = self.model.config.vocab_size
+        if not ids:
+            raise ValueError(f"prompt {index} is empty")
+        if min(ids) < 0 or max(ids) >= vocab:
+            raise ValueError(f"prompt {index} has token ids outside [0, {vocab})")
+        return ids
+
+    def _check_fits(self, index: int, prompt_len: int, sp: SamplingParams) -> None:
+        if sp.stop and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer; use stop_token_ids with token-id prompts")
+        if prompt_len >= self.max_model_len:
+            raise ValueError(f"prompt {index} has {prompt_len} tokens, max_model_len is {self.max_model_len}")
+        total = min(prompt_len + sp.max_tokens, self.max_model_len)
+        needed = -(-total // self.block_size)
+        if needed > self.pool.num_blocks:
+            raise ValueError(
+                f"request {index} needs {total} tokens ({needed} blocks of {self.block_size}) but the pool "
+                f"holds {self.pool.num_blocks} blocks ({self.pool.num_blocks * self.block_size} tokens); "
+                "raise kv_cache_gb or lower max_tokens"
+            )
+
+    # ---- scheduling loop ----
+
+    def _run(self, waiting: deque, total: int, progress: bool) -> list[_Sequence]:
+        running: list[_Sequence] = []
+        finished: list[_Sequence] = []
+        bar = tqdm(total=total, desc="generate", unit="seq", disable=not progress, leave=False)
+        while waiting or running:
+            admitted = self._admit(waiting, running)
+            if admitted:
+                done = self._prefill(admitted, running)
+            elif running:
+                done = self._decode(running, waiting)
+            else:  # nothing fits and nothing runs: cannot happen after _check_fits
+                raise RuntimeError("scheduler stalled with an empty pool")
+            self.stats.num_steps += 1
+            for seq in done:
+                running.remove(seq)
+                self.pool.release(seq.blocks)
+                seq.blocks = []
+                finished.append(seq)
+            bar.update(len(done))
+        bar.close()
+        return finished
+
+    def _admit(self, waiting: deque, running: list[_Sequence]) -> list[list[_Sequence]]:
+        """Take groups from the front of the queue while their prompt blocks and slots are free."""
+        admitted, budget, free = [], self.max_num_batched_tokens, self.pool.num_free
+        num_running = len(running)
+        while waiting:
+            group = waiting[0]
+            length = len(group[0].tokens)
+            full, partial = divmod(length, self.block_size)
+            per_child = 1 if partial else 0
+            slots = self.max_num_seqs - num_running
+            if slots <= 0 or (admitted and length > budget):
+                break
+            fit = len(group) if per_child == 0 else (free - full) // per_child
+            k = min(len(group), slots, fit)
+            idle = num_running == 0 and not admitted
+            # Keep one block of headroom per admitted child unless the pool would otherwise sit idle.
+            while k > 0 and not idle and full + k * per_child + k > free:
+                k -= 1
+            if k <= 0 or full + k * per_child > free:
+                break
+            take = group[:k]
+            if k == len(group):
+                waiting.popleft()
+            else:
+                waiting[0] = group[k:]
+            admitted.append(take)
+            free -= full + k * per_child
+            budget -= length
+            num_running += k
+        return admitted
+
+    def _prefill(self, groups: list[list[_Sequence]], running: list[_Sequence]) -> list[_Sequence]:
+        device = self.model.device
+        bs = self.block_size
+        lens, ids, slots, owned = [], [], [], []
+        for group in groups:
+            tokens = group[0].tokens
+            blocks = self.pool.allocate(-(-len(tokens) // bs))
+            owned.append(blocks)
+            lens.append(len(tokens))
+            ids.extend(tokens)
+            slots.extend(blocks[p // bs] * bs + p % bs for p in range(len(tokens)))
+        slot_mapping = torch.tensor(slots, dtype=torch.int64, device=device)
+        batch = AttentionBatch.packed(lens, device, slot_mapping=slot_mapping)
+        hidden = self.model.forward_hidden(
+            torch.tensor(ids, dtype=torch.long, device=device), batch, self.cache
+        )
+        logits = self.model.logits(hidden[batch.cu_seqlens[1:].long() - 1])  # [num_groups, V]
+        self.stats.num_prefill_tokens += len(ids)
+
+        children, rows = [], []
+        for g, (group, blocks) in enumerate(zip(groups, owned, strict=True)):
+            length = lens[g]
+            full = length // bs
+            for c, seq in enumerate(group):
+                if c == 0:
+                    seq.blocks = blocks
+                else:
+                    self.pool.share(blocks[:full])
+                    seq.blocks = blocks[:full]
+                    if length % bs:
+                        (copy,) = self.pool.allocate(1)
+                        self.cache.k[:, copy] = self.cache.k[:, blocks[-1]]
+                        self.cache.v[:, copy] = self.cache.v[:, blocks[-1]]
+                        seq.blocks = seq.blocks + [copy]
+                seq.num_cached = length
+                children.append(seq)
+                rows.append(g)
+        running.extend(children)
+        row_index = torch.tensor(rows, device=device)
+        return self._sample_and_append(children, logits[row_index])
+
+    def _decode(self, running: list[_Sequence], waiting: deque) -> list[_Sequence]:
+        bs = self.block_size
+        i = 0
+        while i < len(running):  # give every sequence a slot for its next token, preempting if needed
+            seq = running[i]
+            if seq.num_cached // bs == len(seq.blocks):
+                if self.pool.num_free == 0:
+                    self._preempt(running[-1], running, waiting)  # may be seq itself; then i is past it
+                    continue
+                seq.blocks.extend(self.pool.allocate(1))
+            i += 1
+        if not running:
+            return []
+        device = self.model.device
+        positions = [seq.num_cached for seq in running]
+        max_blocks = max(len(seq.blocks) for seq in running)
+        tables = torch.tensor(
+            [seq.blocks + [seq.blocks[-1]] * (max_blocks - len(seq.blocks)) for seq in running],
+            dtype=torch.int32,
+            device=device,
+        )
+        pos = torch.tensor(positions, dtype=torch.int64, device=device)
+        slot = torch.tensor(
+            [seq.blocks[p // bs] * bs + p % bs for seq, p in zip(running, positions, strict=True)],
+            dtype=torch.int64,
+            device=device,
+        )
+        batch = AttentionBatch.decode(pos, tables, (pos + 1).to(torch.int32), slot)
+        tokens = torch.tensor([seq.tokens[-1] for seq in running], dtype=torch.long, device=device)
+        logits = self.model.logits(self.model.forward_hidden(tokens, batch, self.cache))
+        for seq in running:
+            seq.num_cached += 1
+        return self._sample_and_append(list(running), logits)
+
+    def _preempt(self, seq: _Sequence, running: list[_Sequence], waiting: deque) -> None:
+        running.remove(seq)
+        self.pool.release(seq.blocks)
+        seq.blocks, seq.num_cached = [], 0
+        waiting.appendleft([seq])
+        self.stats.num_preemptions += 1
+        logger.debug("preempted request %d sample %d at %d tokens", seq.request, seq.sample, len(seq.tokens))
+
+    def _sample_and_append(self, seqs: list[_Sequence], logits: torch.Tensor) -> list[_Sequence]:
+        tokens, logprobs = sample_tokens(
+            logits,
+            [s.params.temperature for s in seqs],
+            [s.params.top_p for s in seqs],
+            [s.params.top_k for s in seqs],
+            [row_key(s.seed, s.sample, len(s.tokens)) for s in seqs],
+        )
+        done = []
+        for seq, tok, lp in zip(seqs, tokens.tolist(), logprobs.tolist(), strict=True):
+            seq.tokens.append(tok)
+            seq.logprobs.append(lp)
+            self.stats.num_generated_tokens += 1
+            if self._finished(seq, tok):
+                done.append(seq)
+        return done
+
+    def _finished(self, seq: _Sequence, token: int) -> bool:
+        sp = seq.params
+        if sp.stop:  # decode only the sequences that can stop on a string
+            text = self.tokenizer.decode(seq.output, skip_special_tokens=True)
+            cut = min((i for i in (text.find(s) for s in sp.stop) if i >= 0), default=-1)
+            if cut >= 0:
+                seq.text = text[:cut]
+                seq.finish_reason = "stop"
+                return True
+        if (token in self._stop_ids and not sp.ignore_eos) or (
+            sp.stop_token_ids and token in sp.stop_token_ids
+        ):
+            seq.finish_reason = "stop"
+        elif len(seq.output) >= sp.max_tokens or len(seq.tokens) >= self.max_model_len:
+            seq.finish_reason = "length"
+        else:
+            return False
+        if self.tokenizer is not None:
+            seq.text = self.tokenizer.decode(seq.output, skip_special_tokens=True)
+        return True

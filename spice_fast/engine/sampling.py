@@ -1,0 +1,88 @@
+"""Token sampling for the engine: greedy, temperature, top-k, top-p, by Gumbel-max with keyed noise.
+
+The noise of row ``b`` and vocabulary entry ``j`` is a hash of (row key, j), where the row key mixes
+(request seed, sample index, position). So a seeded request draws the same tokens whatever else is
+in the batch, and a preempted sequence that is recomputed draws the same tokens again.
+
+The returned logprob is ``log_softmax(logits / T)`` over the full vocabulary at the chosen token
+(not renormalised by top-k / top-p), the quantity the trainer recomputes. Greedy rows (T = 0) report
+``log_softmax(logits)``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_M32 = 0xFFFFFFFF
+_M64 = 0xFFFFFFFFFFFFFFFF
+
+
+def _mix64(x: int) -> int:
+    # splitmix64 finaliser on Python ints: spreads (seed, sample, position) over 64 bits.
+    x = (x + 0x9E3779B97F4A7C15) & _M64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _M64
+    return x ^ (x >> 31)
+
+
+def row_key(seed: int, sample: int, position: int) -> int:
+    """A 64-bit key for one sampled token."""
+    return _mix64(_mix64(_mix64(seed & _M64) ^ sample) ^ position)
+
+
+def _hash32(x: torch.Tensor) -> torch.Tensor:
+    # An integer avalanche hash on int64 tensors holding 32-bit values. Products may wrap past 2^63;
+    # the low 32 bits kept by the mask are still exact in two's complement.
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _M32
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & _M32
+    return x ^ (x >> 16)
+
+
+def gumbel_noise(keys: list[int], vocab_size: int, device: torch.device) -> torch.Tensor:  # [B, V] fp32
+    key = torch.tensor([[k & _M32, (k >> 32) & _M32] for k in keys], dtype=torch.int64, device=device)
+    cols = torch.arange(vocab_size, dtype=torch.int64, device=device)[None, :]
+    h = _hash32(_hash32(cols ^ key[:, :1]) ^ key[:, 1:])  # [B, V] in [0, 2^32)
+    u = ((h >> 8).float() + 0.5) * (1.0 / (1 << 24))  # uniform in (0, 1), 24 bits
+    return -torch.log(-torch.log(u))
+
+
+def sample_tokens(
+    logits: torch.Tensor,  # [B, V] float32
+    temperatures: list[float],
+    top_ps: list[float],
+    top_ks: list[int],
+    keys: list[int],
+) -> tuple[torch.Tensor, torch.Tensor]:  # tokens [B] int64, logprobs [B] float32
+    device = logits.device
+    greedy = torch.tensor([t == 0 for t in temperatures], device=device)
+    temps = torch.tensor([t if t > 0 else 1.0 for t in temperatures], dtype=torch.float32, device=device)
+    scaled = logits.float() / temps[:, None]
+    logprobs_all = torch.log_softmax(scaled, dim=-1)
+    filtered = scaled
+    if any(k > 0 for k in top_ks) or any(p < 1.0 for p in top_ps):
+        filtered = _top_k_top_p(scaled, top_ks, top_ps)
+    if bool(greedy.all()):
+        tokens = logits.argmax(dim=-1)
+    else:
+        sampled = (filtered + gumbel_noise(keys, logits.shape[-1], device)).argmax(dim=-1)
+        tokens = torch.where(greedy, logits.argmax(dim=-1), sampled)
+    return tokens, logprobs_all.gather(1, tokens[:, None]).squeeze(1)
+
+
+def _top_k_top_p(scaled: torch.Tensor, top_ks: list[int], top_ps: list[float]) -> torch.Tensor:
+    """Set to -inf every logit outside each row's top-k and top-p nucleus (at least one kept)."""
+    vocab = scaled.shape[-1]
+    device = scaled.device
+    sorted_logits, order = scaled.sort(dim=-1, descending=True)
+    rank = torch.arange(vocab, device=device)[None, :]
+    k = torch.tensor([kk if kk > 0 else vocab for kk in top_ks], device=device)[:, None]
+    drop = rank >= k
+    p = torch.tensor(top_ps, dtype=torch.float32, device=device)[:, None]
+    probs = torch.softmax(sorted_logits.masked_fill(drop, float("-inf")), dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs
+    drop |= mass_before >= p  # keep tokens until the kept mass reaches p
+    drop[:, 0] = False
+    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    return torch.empty_like(scaled).scatter_(1, order, sorted_logits)
