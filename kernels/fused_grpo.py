@@ -20,7 +20,7 @@ import torch
 
 from ._utils import default_block_v, default_chunk_rows, lazy_jit, pick_backend
 from .grpo import NUM_STATS, metrics_from_stats, prepare_policy_inputs, token_terms_torch
-from .logprob import accumulate_grads, chunk_logits
+from .logprob import accumulate_grads, chunk_logits, gemm_weight, logits_buffer
 
 tl = None  # triton.language, bound by _utils.lazy_jit at the first launch (keeps the import light)
 
@@ -154,14 +154,15 @@ class _FusedGRPOLoss(torch.autograd.Function):
         need_h, need_w = ctx.needs_input_grad[:2]
         grad_hidden = torch.empty_like(hidden) if need_h else None
         grad_weight = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32) if need_w else None
-        weight_gemm = weight.float() if backend == "torch" and weight.dtype != torch.float32 else weight
+        weight_gemm = gemm_weight(weight, backend)
+        buffer = logits_buffer(chunk, num_rows, weight_gemm)
         rows = fused_grpo_rows if backend == "triton" else _fused_grpo_rows_torch
         logp = torch.empty(num_rows, device=hidden.device, dtype=torch.float32)
         stats = torch.zeros(NUM_STATS, device=hidden.device, dtype=torch.float32)
         for start in range(0, num_rows, chunk):
             end = min(start + chunk, num_rows)
             h = hidden[start:end]
-            logits = chunk_logits(h, weight_gemm, backend)  # [C, V]
+            logits = chunk_logits(h, weight_gemm, buffer)  # [C, V]
             sl = slice(start, end)
             per_row = (targets[sl], old[sl], adv[sl], w[sl], m[sl])
             opt = (None if ref is None else ref[sl], None if isw is None else isw[sl])

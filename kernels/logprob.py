@@ -197,14 +197,15 @@ def logprob_rows_bwd(logits, targets, m, log_s, omp, entropy, grad_logp, grad_en
 
 
 def _rows_fwd_torch(logits: torch.Tensor, targets: torch.Tensor, temperature: float, return_entropy: bool):
-    z = logits if logits.dtype == torch.float32 else logits.float()  # [C, V], modified in place below
+    """Per-row stats as ``logprob_rows_fwd``; overwrites ``logits`` (passes in place: no page faults)."""
+    z = logits if logits.dtype == torch.float32 else logits.float()  # [C, V]
     if temperature != 1.0:
         z.div_(temperature)
     idx = targets.long().unsqueeze(-1)
     m = z.amax(-1, keepdim=True)
-    z.sub_(m)  # z - m <= 0
+    z.sub_(m)  # z - m <= 0, exact
     z_t = z.gather(-1, idx).squeeze(-1)
-    e = torch.exp(z)  # [C, V]
+    e = torch.exp(z) if return_entropy else z.exp_()  # [C, V] exp(z - m)
     # the other-columns mass without the target, so 1 - p_t keeps its small value
     e.scatter_(-1, idx, 0.0)
     s_other = e.sum(-1)
@@ -216,29 +217,31 @@ def _rows_fwd_torch(logits: torch.Tensor, targets: torch.Tensor, temperature: fl
     entropy = None
     if return_entropy:
         e.scatter_(-1, idx, e_t.unsqueeze(-1))
-        entropy = log_s - (e * z).sum(-1) / s
+        entropy = log_s - torch.linalg.vecdot(e, z) / s
     return logp, m.squeeze(-1), log_s, omp, entropy
 
 
 def _rows_bwd_torch(logits, targets, m, log_s, omp, entropy, grad_logp, grad_entropy, temperature: float):
-    """Returns dloss/dlogits [C, V] fp32, reusing ``logits``' storage when it is fp32."""
+    """dloss/dlogits [C, V] fp32, in place in ``logits`` when it is fp32."""
     z = logits if logits.dtype == torch.float32 else logits.float()
     if temperature != 1.0:
         z.div_(temperature)
-    z.sub_(m.unsqueeze(-1)).sub_(log_s.unsqueeze(-1))  # log p, shifted exactly as in forward
+    z.sub_(m.unsqueeze(-1))  # exactly forward's shift, so p_j below adds up with 1 - p_t
     g = grad_logp.float().unsqueeze(-1)
+    inv_s = torch.exp(-log_s).unsqueeze(-1)
     idx = targets.long().unsqueeze(-1)
     tgt = g * omp.unsqueeze(-1)  # [C, 1] g (1 - p_t), not g - g p_t, which rounds to 0 when p_t ~ 1
     if entropy is not None and grad_entropy is not None:
         g_ent = grad_entropy.float().unsqueeze(-1)
         h = entropy.unsqueeze(-1)
+        z.sub_(log_s.unsqueeze(-1))  # log p
         logp_t = z.gather(-1, idx)
         tgt = tgt - g_ent * torch.exp(logp_t) * (logp_t + h)
         p = torch.exp(z)
         z.add_(h).mul_(p).mul_(-g_ent)  # g_ent dH/dz_j = -g_ent p_j (log p_j + H)
         z.sub_(p.mul_(g))
     else:
-        z.exp_().mul_(-g)
+        z.exp_().mul_(-g * inv_s)  # -g p_j
     z.scatter_(-1, idx, tgt)
     if temperature != 1.0:
         z.div_(temperature)
@@ -249,11 +252,23 @@ def _rows_bwd_torch(logits, targets, m, log_s, omp, entropy, grad_logp, grad_ent
 # Chunk loop shared by both row backends, the autograd wrapper and the public entry point.
 
 
-def chunk_logits(h_chunk: torch.Tensor, weight: torch.Tensor, backend: str) -> torch.Tensor:
-    """[C, V] logits of one chunk: cuBLAS in the input dtype for Triton, fp32 for the PyTorch path."""
-    if backend == "torch" and h_chunk.dtype != torch.float32:
-        return h_chunk.float() @ weight.float().T
-    return h_chunk @ weight.T
+def chunk_logits(h_chunk: torch.Tensor, weight_gemm: torch.Tensor, buffer: torch.Tensor) -> torch.Tensor:
+    """[C, V] logits of one chunk written into ``buffer`` [chunk, V], reused across chunks (on a CPU a
+    fresh buffer per chunk costs more in page faults than the softmax passes themselves).
+    ``weight_gemm`` is fp32 on the PyTorch path, the input dtype (cuBLAS, fp32 accumulation) for Triton."""
+    out = buffer[: h_chunk.shape[0]]
+    h = h_chunk if h_chunk.dtype == weight_gemm.dtype else h_chunk.to(weight_gemm.dtype)
+    return torch.mm(h, weight_gemm.T, out=out)
+
+
+def gemm_weight(weight: torch.Tensor, backend: str) -> torch.Tensor:
+    return weight.float() if backend == "torch" and weight.dtype != torch.float32 else weight
+
+
+def logits_buffer(chunk: int, num_rows: int, weight_gemm: torch.Tensor) -> torch.Tensor:
+    return torch.empty(
+        min(chunk, num_rows), weight_gemm.shape[0], device=weight_gemm.device, dtype=weight_gemm.dtype
+    )
 
 
 def check_logprob_inputs(
@@ -286,10 +301,11 @@ def _forward_chunks(hidden, weight, targets, temperature, return_entropy, backen
     rows_fwd = logprob_rows_fwd if backend == "triton" else _rows_fwd_torch
     # rows: logp, max, log-sum-exp - max, 1 - p_target, entropy
     stats = torch.empty(5, num_rows, device=hidden.device, dtype=torch.float32)
-    weight_gemm = weight.float() if backend == "torch" and weight.dtype != torch.float32 else weight
+    weight_gemm = gemm_weight(weight, backend)
+    buffer = logits_buffer(chunk, num_rows, weight_gemm)
     for start in range(0, num_rows, chunk):
         end = min(start + chunk, num_rows)
-        logits = chunk_logits(hidden[start:end], weight_gemm, backend)  # [C, V]
+        logits = chunk_logits(hidden[start:end], weight_gemm, buffer)  # [C, V]
         *row_stats, ent = rows_fwd(logits, targets[start:end], temperature, return_entropy)
         del logits
         for i, value in enumerate(row_stats):
@@ -310,11 +326,12 @@ def _backward_chunks(
     grad_hidden = torch.empty_like(hidden) if need[0] else None
     # fp32 accumulation of the weight gradient over chunks (in place when the GEMMs are fp32)
     grad_weight = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32) if need[1] else None
-    weight_gemm = weight.float() if backend == "torch" and weight.dtype != torch.float32 else weight
+    weight_gemm = gemm_weight(weight, backend)
+    buffer = logits_buffer(chunk, num_rows, weight_gemm)
     for start in range(0, num_rows, chunk):
         end = min(start + chunk, num_rows)
         h = hidden[start:end]
-        logits = chunk_logits(h, weight_gemm, backend)  # [C, V]
+        logits = chunk_logits(h, weight_gemm, buffer)  # [C, V]
         dlogits = rows_bwd(
             logits,
             targets[start:end],
