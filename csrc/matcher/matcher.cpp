@@ -59,7 +59,7 @@ AnswerType infer(const std::string& gold) {
 }
 
 bool verify_impl(const std::string& pred_text, const std::string& gold_text, AnswerType type) {
-    if (gold_text.size() > kMaxResponseBytes) return false;  // not a gold answer
+    if (gold_text.size() > kMaxGoldBytes) return false;  // not a gold answer
     std::string gold = gold_text.find("\\boxed") != std::string::npos || gold_text.find("\\fbox") != std::string::npos
                            ? answer_part(gold_text)
                            : trim(gold_text);

@@ -1,6 +1,7 @@
 // Extraction, LaTeX noise removal, string and multiple-choice rules; see text.h.
 #include "matcher/text.h"
 
+#include <algorithm>
 #include <cstring>
 #include <vector>
 
@@ -12,6 +13,20 @@ bool is_space(char c) { return c == ' ' || c == '\t' || c == '\n' || c == '\r' |
 bool is_alpha(char c) { return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z'); }
 bool is_digit(char c) { return c >= '0' && c <= '9'; }
 char lower(char c) { return (c >= 'A' && c <= 'Z') ? static_cast<char>(c - 'A' + 'a') : c; }
+
+// Last occurrence of needle starting at or before `from` (npos when none). libstdc++'s rfind calls
+// memcmp at every position, which costs about 10 ns a byte on long responses.
+size_t rfind_fast(const std::string& s, const char* needle, size_t from = std::string::npos) {
+    const size_t n = std::strlen(needle);
+    if (n == 0 || s.size() < n) return std::string::npos;
+    size_t i = std::min(from, s.size() - n);
+    const char first = needle[0];
+    while (true) {
+        if (s[i] == first && std::memcmp(s.data() + i, needle, n) == 0) return i;
+        if (i == 0) return std::string::npos;
+        --i;
+    }
+}
 
 // Index one past the brace matching s[open] == '{', or npos when unbalanced.
 size_t match_brace(const std::string& s, size_t open) {
@@ -50,10 +65,10 @@ std::optional<std::string> last_boxed(const std::string& s) {
     bool have_matches = false;
     size_t end = s.size();
     // Cached last positions, searched again only once passed: keeps the backward walk linear.
-    size_t b = s.rfind("\\boxed"), f = s.rfind("\\fbox");
+    size_t b = rfind_fast(s, "\\boxed"), f = rfind_fast(s, "\\fbox");
     while (end > 0) {
-        if (b != std::string::npos && b >= end) b = end >= 1 ? s.rfind("\\boxed", end - 1) : std::string::npos;
-        if (f != std::string::npos && f >= end) f = end >= 1 ? s.rfind("\\fbox", end - 1) : std::string::npos;
+        if (b != std::string::npos && b >= end) b = end >= 1 ? rfind_fast(s, "\\boxed", end - 1) : std::string::npos;
+        if (f != std::string::npos && f >= end) f = end >= 1 ? rfind_fast(s, "\\fbox", end - 1) : std::string::npos;
         size_t at = b == std::string::npos ? f : (f == std::string::npos ? b : std::max(b, f));
         if (at == std::string::npos) return std::nullopt;
         size_t i = at + (at == b ? 6 : 5);
@@ -192,7 +207,7 @@ std::optional<std::string> extract_answer(const std::string& full) {
     static const char* const kMarkers[] = {"answer is", "answer:", "####"};
     size_t best = std::string::npos, best_len = 0;
     for (const char* m : kMarkers) {
-        size_t at = low.rfind(m);
+        size_t at = rfind_fast(low, m);
         if (at != std::string::npos && (best == std::string::npos || at > best)) {
             best = at;
             best_len = std::strlen(m);
@@ -209,9 +224,9 @@ std::optional<std::string> extract_answer(const std::string& full) {
     while (end > 0 && is_space(s[end - 1])) --end;
     size_t line = s.rfind('\n', end == 0 ? 0 : end - 1);
     line = line == std::string::npos ? 0 : line + 1;
-    size_t close = s.rfind("**", end == 0 ? 0 : end - 1);
+    size_t close = end < 2 ? std::string::npos : rfind_fast(s, "**", end - 2);
     if (close != std::string::npos && close >= line + 2) {
-        size_t open = s.rfind("**", close - 1);
+        size_t open = close == 0 ? std::string::npos : rfind_fast(s, "**", close - 1);
         if (open != std::string::npos && open >= line && open + 2 < close) {
             std::string t = strip_answer_tail(s.substr(open + 2, close - open - 2));
             if (!t.empty()) return t;
@@ -411,7 +426,7 @@ std::optional<char> mcq_letter(const std::string& answer) {
     for (size_t i = 0; i < s.size(); ++i) low[i] = lower(s[i]);
     size_t best = std::string::npos, len = 0;
     for (const char* kw : {"option", "choice", "answer is", "answer:", "answer"}) {
-        size_t at = low.rfind(kw);
+        size_t at = rfind_fast(low, kw);
         if (at != std::string::npos && (best == std::string::npos || at > best)) {
             best = at;
             len = std::strlen(kw);

@@ -10,6 +10,7 @@ namespace spice_match {
 
 constexpr size_t kMaxResponseBytes = 1 << 16;  // extraction looks at the last 64 KiB of a response
 constexpr size_t kMaxAnswerBytes = 2000;        // answers longer than this are not parsed as math
+constexpr size_t kMaxGoldBytes = 8192;          // a longer gold answer matches nothing
 
 // Content of the last balanced \boxed{...} / \fbox{...}; otherwise the text after the last
 // "answer is", "answer:" or "####"; otherwise a bold final answer; nullopt when there is none.
