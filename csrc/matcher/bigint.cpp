@@ -163,6 +163,22 @@ BigInt BigInt::mul_small(uint32_t m, Budget& budget) const {
     return r;
 }
 
+void BigInt::mul_u64_inplace(uint64_t m, Budget& budget) {
+    budget.charge(static_cast<int64_t>(mag_.size()) + 1);
+    unsigned __int128 carry = 0;
+    for (uint32_t& limb : mag_) {
+        unsigned __int128 t = static_cast<unsigned __int128>(limb) * m + carry;
+        limb = static_cast<uint32_t>(t);
+        carry = t >> 32;
+    }
+    while (carry) {
+        mag_.push_back(static_cast<uint32_t>(carry));
+        carry >>= 32;
+    }
+    trim();
+    if (bit_length() > kMaxBits) throw TooLarge{};
+}
+
 BigInt BigInt::pow(uint64_t e, Budget& budget) const {
     if (e == 0) return from_u64(1);
     if (is_zero()) return BigInt{};

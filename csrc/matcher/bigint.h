@@ -45,6 +45,8 @@ public:
     friend BigInt mul(const BigInt& a, const BigInt& b, Budget& budget);
     friend bool operator==(const BigInt& a, const BigInt& b) { return a.neg_ == b.neg_ && a.mag_ == b.mag_; }
     BigInt mul_small(uint32_t m, Budget& budget) const;
+    // In place, by a 64-bit factor: factorials multiply several small factors per pass.
+    void mul_u64_inplace(uint64_t m, Budget& budget);
     BigInt pow(uint64_t e, Budget& budget) const;
     uint64_t mod_u64(uint64_t m) const;  // of the magnitude
     // Divides the magnitude by d, exactly: caller has checked mod_u64(d) == 0.

@@ -171,7 +171,15 @@ Value factorial(const Value& a, Budget& budget) {
         return invalid();
     int n = static_cast<int>(a.q.num.low_u64());
     BigInt acc = BigInt::from_u64(1);
-    for (int k = 2; k <= n; ++k) acc = acc.mul_small(static_cast<uint32_t>(k), budget);
+    uint64_t pack = 1;  // product of pending factors, below 2^52 so one more factor (<= 2500) fits
+    for (int k = 2; k <= n; ++k) {
+        pack *= static_cast<uint64_t>(k);
+        if (pack >= (uint64_t{1} << 52)) {
+            acc.mul_u64_inplace(pack, budget);
+            pack = 1;
+        }
+    }
+    if (pack > 1) acc.mul_u64_inplace(pack, budget);
     Rational r;
     r.num = acc;
     return from_exact(r);
