@@ -201,6 +201,8 @@ def test_noise_is_ignored():
             ("$5$", "5"),
             (r"5\text{ cm}", "5"),
             (r"5 \text{ apples}", "5"),
+            (r"\text{12}", "12"),
+            (r"3 \text{ and } 4", r"\{3, 4\}"),
             (r"30^\circ", "30"),
             (r"30^{\circ}", "30"),
             ("12.", "12"),

@@ -295,7 +295,8 @@ std::string clean_math(const std::string& answer) {
                 size_t close = match_brace(s, k);
                 if (close != std::string::npos) {
                     std::string inner = trim(s.substr(k + 1, close - k - 2));
-                    if (text) {
+                    bool numeric = !inner.empty() && inner.find_first_not_of("0123456789.,-+/ ") == std::string::npos;
+                    if (text && !numeric) {
                         // Units and words vanish; "and"/"or" between answers separate them.
                         out += (inner == "and" || inner == "or" || inner == ",") ? "," : " ";
                     } else {
