@@ -6,6 +6,9 @@ not flake."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
 
 import pytest
@@ -143,3 +146,44 @@ def test_batch_of_adversarial_inputs_is_bounded():
     elapsed = time.perf_counter() - start
     assert len(out) == len(preds)
     assert elapsed < LIMIT_S * len(preds)
+
+
+ATHERIS_HARNESS = """
+import sys, time
+import atheris
+from spice_fast import _matcher
+
+def best_cpu(fn, *args):
+    best = float("inf")
+    for _ in range(3):
+        start = time.thread_time()
+        fn(*args)
+        best = min(best, time.thread_time() - start)
+        if best < 0.010:
+            break
+    return best
+
+def one_input(data):
+    fdp = atheris.FuzzedDataProvider(data)
+    t = fdp.ConsumeIntInRange(0, 4)
+    gold = fdp.ConsumeBytes(fdp.ConsumeIntInRange(0, 200))
+    pred = fdp.ConsumeBytes(len(data))
+    for fn, args in ((_matcher.verify, (pred, gold, t)), (_matcher.parse_answer, (pred, t)),
+                     (_matcher.extract_answer, (pred,))):
+        cost = best_cpu(fn, *args)
+        if cost >= 0.010:
+            raise RuntimeError(f"{fn.__name__} took {cost * 1e3:.1f} ms on {data[:80]!r}")
+
+atheris.Setup(sys.argv, one_input)
+atheris.Fuzz()
+"""
+
+
+def test_atheris_smoke(tmp_path):
+    """libFuzzer-driven mutation (atheris, when installed) for a fixed number of runs and seed. The
+    harness runs in a child interpreter because atheris.Fuzz() exits the process when done."""
+    pytest.importorskip("atheris")
+    cmd = [sys.executable, "-c", ATHERIS_HARNESS, "-runs=20000", "-seed=1", "-max_len=4096", str(tmp_path)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
