@@ -74,11 +74,18 @@ def peak_memory(fn: Callable[[], object], device: torch.device | str = "cpu") ->
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-    # Replay allocations in order to find the high-water mark of live bytes.
-    events = sorted((e for e in prof.events() if e.cpu_memory_usage != 0), key=lambda e: e.time_range.start)
+    # Replay allocations in order to find the high-water mark of live bytes. Self bytes only: an op
+    # also reports the allocations of the ops it calls (matmul -> mm), which would count them twice.
+    # An op's own allocations are placed at its start, its own frees at its end (autograd's
+    # evaluate_function frees its inputs after the backward op it wraps has allocated its output).
+    changes = sorted(
+        (e.time_range.start if e.self_cpu_memory_usage > 0 else e.time_range.end, e.self_cpu_memory_usage)
+        for e in prof.events()
+        if e.self_cpu_memory_usage != 0
+    )
     live = peak = 0
-    for e in events:
-        live += e.cpu_memory_usage
+    for _, nbytes in changes:
+        live += nbytes
         peak = max(peak, live)
     return peak
 
@@ -130,3 +137,23 @@ def print_json(bench: str, device: torch.device | str, results: list[dict], **ex
         **extra,
     }
     print(json.dumps(record))
+
+
+# Dense bf16 tensor-core peak, FLOP/s, by device-name substring (vendor data sheets, no sparsity).
+BF16_PEAK_FLOPS = {
+    "H200": 989e12,
+    "H100": 989e12,
+    "A100": 312e12,
+    "L40S": 362e12,
+    "L4": 121e12,
+    "4090": 165e12,
+}
+
+
+def bf16_peak_flops(device: torch.device | str) -> float | None:
+    """The device's dense bf16 peak in FLOP/s, or None when unknown (CPU or an unlisted GPU)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((flops for key, flops in BF16_PEAK_FLOPS.items() if key in name), None)

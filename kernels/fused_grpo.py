@@ -187,10 +187,12 @@ class _FusedGRPOLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, _grad_stats, _grad_logp):
         grad_hidden, grad_weight = ctx.saved_tensors
-        if grad_hidden is not None:
-            grad_hidden = grad_hidden * grad_loss.to(grad_hidden.dtype)
-        if grad_weight is not None:
-            grad_weight = grad_weight * grad_loss.to(grad_weight.dtype)
+        # the usual upstream gradient is exactly 1: hand back the stored gradients without a weight-sized copy
+        if not torch.equal(grad_loss, torch.ones_like(grad_loss)):
+            if grad_hidden is not None:
+                grad_hidden = grad_hidden * grad_loss.to(grad_hidden.dtype)
+            if grad_weight is not None:
+                grad_weight = grad_weight * grad_loss.to(grad_weight.dtype)
         return grad_hidden, grad_weight, *([None] * 8)
 
 

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# GPU checks: the GPU tests and GPU benchmarks, each writing its log under "$OUT" (default runs/gpu_check),
+# with one line per step in "$OUT/summary.txt". The whole script must finish in under 8 minutes on an H200.
+#
+# Structure: one clearly separated block per area, each a few `step NAME TIMEOUT_S CMD...` lines with a
+# timeout that bounds it. To add an area, append a block before the final `exit` and keep the total of
+# all timeouts under 8 minutes.
+#
+#   OUT=/tmp/gpu bash benches/gpu_check.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-runs/gpu_check}"
+PY="${PYTHON:-python}"
+mkdir -p "$OUT"
+: > "$OUT/summary.txt"
+status=0
+
+step() {  # step NAME TIMEOUT_S CMD...: runs CMD with a time limit, log in $OUT/NAME.log
+    local name=$1 limit=$2
+    shift 2
+    local start=$SECONDS
+    timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+    local rc=$?
+    echo "$name rc=$rc ${limit}s-limit took=$((SECONDS - start))s" | tee -a "$OUT/summary.txt"
+    tail -n 30 "$OUT/$name.log"
+    [ "$rc" -eq 0 ] || status=1
+}
+
+nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1 || true
+"$PY" -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())" \
+    > "$OUT/versions.txt" 2>&1 || true
+
+# ==== training kernels (issue 4): fused_linear_logprob, policy_loss, fused_grpo_loss ==== budget 300 s
+# Tests run the Triton kernels compiled (plus the int64-offset test marked gpu). Benchmarks: SmolLM2 and
+# Qwen3-4B shapes, and the GPU target (bf16, N=8192, H=4096, V=151936) with TFLOP/s vs the bf16 peak.
+step kernels_tests 120 "$PY" -m pytest -q -x tests/test_kernels_logprob.py tests/test_kernels_grpo.py \
+    tests/test_kernels_fused_grpo.py
+step bench_logprob 80 "$PY" benches/bench_logprob.py --n 4096,8192,16384 --qwen-n 8192 --repeat 5
+step bench_grpo_loss 100 "$PY" benches/bench_grpo_loss.py --models smollm2,qwen3-4b,big --n 8192 --repeat 5
+# ==== end training kernels ====
+
+exit "$status"
