@@ -155,7 +155,7 @@ def test_expressions_not_equal():
 
 def test_equation_against_bare_value():
     both([("x = 5", "5"), ("x=\\frac{1}{2}", "0.5"), ("5", "x = 5")], True)
-    both([("x = 6", "5")], False)
+    both([("x = 6", "5"), ("3 x^2", "3"), ("2 x", "2")], False)
 
 
 def test_equations():
@@ -169,6 +169,12 @@ def test_inequalities():
 
 
 # ---------------------------------------------------------------- structures
+
+
+def test_plus_minus_is_a_set_of_two():
+    both([(r"2 \pm \sqrt{3}", r"\{2+\sqrt{3}, 2-\sqrt{3}\}"), (r"1 \pm 2", "3, -1")], True)
+    both([(r"x = 1 \pm 2", r"-1, 3")], True)
+    both([(r"2 \pm \sqrt{3}", r"2+\sqrt{3}"), (r"1 \pm 2", "3, 1")], False)
 
 
 def test_tuples_and_points():
@@ -202,6 +208,9 @@ def test_noise_is_ignored():
             (r"5\text{ cm}", "5"),
             (r"5 \text{ apples}", "5"),
             (r"\text{12}", "12"),
+            ("5 cm", "5"),
+            ("12 apples", "12"),
+            ("3 cm^2", "3"),
             (r"3 \text{ and } 4", r"\{3, 4\}"),
             (r"30^\circ", "30"),
             (r"30^{\circ}", "30"),

@@ -153,9 +153,12 @@ private:
     int parse_additive() {
         Guard g(*this);
         std::vector<int> terms{parse_term()};
+        int pm = -1;  // a \pm b is the set {a + b, a - b}
         while (true) {
             char c = peek();
-            if (c == '+') {
+            if (pm < 0 && (eat("\\pm") || eat("\\mp"))) {
+                pm = parse_term();
+            } else if (c == '+') {
                 ++pos_;
                 terms.push_back(parse_term());
             } else if (c == '-') {
@@ -164,6 +167,12 @@ private:
             } else {
                 break;
             }
+        }
+        if (pm >= 0) {
+            std::vector<int> plus = terms, minus = terms;
+            plus.push_back(pm);
+            minus.push_back(node(Kind::Neg, {pm}));
+            return node(Kind::Set, {node(Kind::Add, plus), node(Kind::Add, minus)});
         }
         return terms.size() == 1 ? terms[0] : node(Kind::Add, terms);
     }

@@ -189,6 +189,27 @@ std::string drop_thousands(const std::string& s) {
     return out;
 }
 
+// "5 cm", "12 apples", "3 m^2": a plain number followed by one unit word; the word goes.
+std::string drop_unit_word(const std::string& s) {
+    size_t i = 0;
+    while (i < s.size() && (is_digit(s[i]) || s[i] == '.' || s[i] == ',' || s[i] == '-' || s[i] == '+' || s[i] == '/'))
+        ++i;
+    size_t num_end = i;
+    if (num_end == 0 || i >= s.size() || !is_space(s[i])) return s;
+    while (i < s.size() && is_space(s[i])) ++i;
+    size_t word = i;
+    while (i < s.size() && is_alpha(s[i])) ++i;
+    std::string w = s.substr(word, i - word);
+    if (w.size() < 2 || w == "pi" || w == "sqrt" || w == "infty" || w == "inf" || w == "e") return s;
+    if (i < s.size() && s[i] == '^') {
+        ++i;
+        if (i < s.size() && s[i] == '{') ++i;
+        while (i < s.size() && is_digit(s[i])) ++i;
+        if (i < s.size() && s[i] == '}') ++i;
+    }
+    return i == s.size() ? s.substr(0, num_end) : s;
+}
+
 }  // namespace
 
 std::string trim(const std::string& s) {
@@ -324,7 +345,7 @@ std::string clean_math(const std::string& answer) {
     }
     out = trim(out);
     while (!out.empty() && (out.back() == '.' || out.back() == ';')) out = trim(out.substr(0, out.size() - 1));
-    return drop_thousands(out);
+    return drop_thousands(drop_unit_word(out));
 }
 
 std::string normalize_string(const std::string& answer) {
