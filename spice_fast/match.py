@@ -101,12 +101,19 @@ def _completion_text(completion: object, index: int) -> Text:
     raise TypeError(f"completions[{index}]: expected str, bytes or a list of messages, got {got}")
 
 
-def reward_fn(completions: Sequence[object], answers: Sequence[Text], **kwargs: object) -> list[float]:
+def reward_fn(
+    completions: Sequence[object], answers: Sequence[Text] | None = None, **kwargs: object
+) -> list[float]:
     """Reward function for other trainers (TRL style): 1.0 when a completion matches its answer, else 0.0.
 
-    Optional keyword ``answer_types`` (a list) or ``answer_type`` (one for all); ``num_threads``.
-    Other keyword arguments (prompts, ...) are ignored.
+    ``answers`` may also arrive as a dataset column named ``answer`` or ``solution`` (TRL passes
+    columns as keywords). Optional keyword ``answer_types`` (a list) or ``answer_type`` (one for
+    all); ``num_threads``. Other keyword arguments (prompts, ...) are ignored.
     """
+    if answers is None:
+        answers = kwargs.get("answer", kwargs.get("solution"))
+        if answers is None:
+            raise TypeError("answers: missing (pass answers=, or a dataset column 'answer' or 'solution')")
     completions = _as_list(completions, "completions")
     answers = _as_list(answers, "answers")
     if len(completions) != len(answers):

@@ -370,7 +370,11 @@ def test_reward_fn():
     completions = ["so \\boxed{4}", [{"role": "assistant", "content": "\\boxed{B}"}], "no idea"]
     assert reward_fn(completions, ["4", "B", "3"]) == [1.0, 1.0, 0.0]
     assert reward_fn(["\\boxed{4}"], ["4"], answer_type="integer", prompts=["p"]) == [1.0]
+    assert reward_fn(prompts=["p"], completions=["\\boxed{7}"], answer=["7"]) == [1.0]
+    assert reward_fn(["\\boxed{7}"], solution=["8"]) == [0.0]
     with pytest.raises(ValueError, match="answers"):
         reward_fn(["a"], ["a", "b"])
+    with pytest.raises(TypeError, match="answers"):
+        reward_fn(["a"])
     with pytest.raises(TypeError, match=r"completions\[0\]"):
         reward_fn([3], ["a"])
