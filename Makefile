@@ -26,7 +26,7 @@ install-test: install
 	$(PIP) install -e ".[test]"
 
 demo: install
-	$(PYTHON) -m spice_fast.cli generate --model smollm2-135m --max-tokens 64 "$(PROMPT)"
+	$(PYTHON) -m spice_fast.cli generate --model smollm2-135m --temperature 0 --max-tokens 64 "$(PROMPT)"
 
 test: install-test
 	$(PYTHON) -m pytest -q tests

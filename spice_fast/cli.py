@@ -20,16 +20,22 @@ def _positive_int(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="spice-fast", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    g = sub.add_parser("generate", help="generate completions of prompts")
+    g = sub.add_parser("generate", help="generate completions of prompts with the paged-KV engine")
     g.add_argument("prompts", nargs="*", help=f"prompt texts (default: {DEFAULT_PROMPT!r})")
     g.add_argument("--model", default="smollm2-135m", help="directory, .gguf file, hub id or alias")
-    g.add_argument("-n", type=_positive_int, default=1, help="completions per prompt")
+    g.add_argument("-n", type=_positive_int, default=1, help="completions per prompt (prompt prefilled once)")
     g.add_argument("--max-tokens", type=_positive_int, default=128, help="new tokens per completion")
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    g.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus mass kept")
+    g.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = all)")
     g.add_argument("--seed", type=int, default=0, help="sampling seed")
+    g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    g.add_argument("--max-model-len", type=_positive_int, default=4096, help="prompt + completion limit")
+    g.add_argument("--kv-cache-gb", type=float, default=None, help="KV pool size (default: by device)")
     g.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: by device)")
     g.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
     g.add_argument("--no-chat-template", action="store_true", help="feed the prompt text as is")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
 
@@ -46,35 +52,35 @@ def _encode(tokenizer, text: str, chat: bool) -> list[int]:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from spice_fast import load
-    from spice_fast.generate import generate
+    from spice_fast.engine import Engine, SamplingParams
 
-    if args.temperature < 0:
-        raise SystemExit(f"--temperature must be >= 0, got {args.temperature}")
+    params = SamplingParams(
+        n=args.n, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+        max_tokens=args.max_tokens, stop=args.stop, seed=args.seed,
+    )  # fmt: skip
     prompts = args.prompts or [DEFAULT_PROMPT]
     t0 = time.perf_counter()
     model, tokenizer = load(args.model, dtype=args.dtype, device=args.device)
     if tokenizer is None:
-        raise SystemExit(f"model {args.model!r} has no tokenizer, so text prompts cannot be encoded")
+        raise ValueError(f"model {args.model!r} has no tokenizer, so text prompts cannot be encoded")
     print(
         f"loaded {args.model} ({model.config.architecture}) in {time.perf_counter() - t0:.1f}s",
         file=sys.stderr,
     )
-    encoded = [_encode(tokenizer, p, not args.no_chat_template) for p in prompts for _ in range(args.n)]
-    stop = list(model.config.eos_token_ids)
-    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in stop:
-        stop.append(tokenizer.eos_token_id)
-    t0 = time.perf_counter()
-    outputs = generate(
-        model, encoded, max_new_tokens=args.max_tokens, temperature=args.temperature,
-        stop_token_ids=stop, seed=args.seed,
+    engine = Engine(
+        model, tokenizer, max_num_seqs=max(8, min(256, len(prompts) * args.n)),
+        max_model_len=args.max_model_len, kv_cache_gb=args.kv_cache_gb,
     )  # fmt: skip
+    encoded = [_encode(tokenizer, p, not args.no_chat_template) for p in prompts]
+    t0 = time.perf_counter()
+    outputs = engine.generate(encoded, params, progress=not args.no_progress)
     elapsed = time.perf_counter() - t0
-    for i, out in enumerate(outputs):
-        prompt = prompts[i // args.n]
-        header = f"--- prompt {i // args.n}" + (f", sample {i % args.n}" if args.n > 1 else "")
-        print(f"{header}: {prompt!r}")
-        print(tokenizer.decode(out, skip_special_tokens=True).strip())
-    num_tokens = sum(len(o) for o in outputs)
+    for out in outputs:
+        for c in out.outputs:
+            sample = f", sample {c.index}" if args.n > 1 else ""
+            print(f"--- prompt {out.request_id}{sample} ({c.finish_reason}): {prompts[out.request_id]!r}")
+            print(c.text.strip())
+    num_tokens = engine.stats.num_generated_tokens
     print(f"{num_tokens} tokens in {elapsed:.2f}s ({num_tokens / elapsed:.1f} tokens/s)", file=sys.stderr)
     return 0
 

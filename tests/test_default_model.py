@@ -10,6 +10,7 @@ from helpers import assert_close
 
 import spice_fast
 from spice_fast import cli
+from spice_fast.engine import Engine, SamplingParams
 from spice_fast.weights.sources import alias_path
 
 pytestmark = pytest.mark.slow
@@ -49,8 +50,40 @@ def test_default_model_logits_match_transformers_gguf_load(reference, cache_dir,
     assert any(cache_dir.rglob("model.safetensors"))
 
 
+def test_engine_greedy_equals_transformers_generate(reference, cache_dir, monkeypatch):
+    tok, _, _ = reference
+    monkeypatch.setenv("SPICE_FAST_CACHE", str(cache_dir))
+    path = alias_path("smollm2-135m")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        path.parent, gguf_file=path.name, dtype=torch.float32
+    )
+    model, tokenizer = spice_fast.load("smollm2-135m", device="cpu")
+    engine = Engine(model, tokenizer, max_num_seqs=4, max_model_len=512)
+    chats = ["What is 7 times 8?", "Name three primary colors."]
+    prompts = [
+        tok.apply_chat_template([{"role": "user", "content": c}], add_generation_prompt=True, tokenize=False)
+        for c in chats
+    ]
+    outs = engine.generate(prompts, SamplingParams(temperature=0, max_tokens=64))
+    for prompt, out in zip(prompts, outs, strict=True):
+        ids = torch.tensor([tok.encode(prompt)])
+        expected = hf.generate(ids, max_new_tokens=64, do_sample=False)[0, ids.shape[1] :]  # stops at EOS too
+        assert out.outputs[0].token_ids == expected.tolist()
+        assert len(expected) > 8
+
+
 def test_cli_generates_a_greedy_completion(capsys, cache_dir, monkeypatch):
     monkeypatch.setenv("SPICE_FAST_CACHE", str(cache_dir))
-    assert cli.main(["generate", "--max-tokens", "8", "--no-chat-template", PROMPT]) == 0
+    argv = [
+        "generate",
+        "--max-tokens",
+        "8",
+        "--temperature",
+        "0",
+        "--no-chat-template",
+        "--no-progress",
+        PROMPT,
+    ]
+    assert cli.main(argv) == 0
     out = capsys.readouterr().out
     assert PROMPT in out and "Paris" in out

@@ -21,10 +21,10 @@ def test_greedy_equals_transformers_generate(arch):
     engine = Engine(ours_from_hf(hf), max_num_seqs=8, max_model_len=256, block_size=16)
     prompts = prompts_of([5, 16, 1, 37])
     outs = engine.generate(prompts, SamplingParams(temperature=0, max_tokens=64, ignore_eos=True))
+    hf.generation_config.eos_token_id = None  # both sides run the full 64 tokens
     for prompt, out in zip(prompts, outs, strict=True):
-        expected = hf.generate(
-            torch.tensor([prompt]), max_new_tokens=64, min_new_tokens=64, do_sample=False, pad_token_id=0
-        )[0, len(prompt) :].tolist()
+        expected = hf.generate(torch.tensor([prompt]), max_new_tokens=64, do_sample=False, pad_token_id=0)
+        expected = expected[0, len(prompt) :].tolist()
         assert out.outputs[0].token_ids == expected
         assert out.outputs[0].finish_reason == "length"
 
@@ -179,3 +179,26 @@ def test_bad_prompts():
         engine.generate([[]])
     with pytest.raises(ValueError, match="stop strings need a tokenizer"):
         engine.generate([[1, 2]], SamplingParams(stop=["x"]))
+
+
+def test_sampler_frequencies_follow_the_distribution():
+    from spice_fast.engine.sampling import row_key, sample_tokens
+
+    logits = torch.tensor([2.0, 1.0, 0.0, -1.0, 0.5, -30.0])
+    rows = 20000
+    keys = [row_key(9, 0, i) for i in range(rows)]
+    for temperature, top_k, top_p in [(1.0, 0, 1.0), (0.7, 0, 1.0), (1.0, 3, 1.0), (1.0, 0, 0.6)]:
+        expected = torch.softmax(logits / temperature, dim=-1)
+        if top_k:
+            expected[expected.argsort(descending=True)[top_k:]] = 0
+        if top_p < 1:
+            order = expected.argsort(descending=True)
+            before = expected[order].cumsum(0) - expected[order]
+            expected[order[before >= top_p]] = 0
+        expected /= expected.sum()
+        tokens, logprobs = sample_tokens(logits.expand(rows, -1), [temperature] * rows, [top_p] * rows,
+                                         [top_k] * rows, keys)  # fmt: skip
+        freq = torch.bincount(tokens, minlength=6).double() / rows
+        assert_close(freq, expected.double(), atol=0.012, name=f"T={temperature} k={top_k} p={top_p}")
+        full = torch.log_softmax(logits / temperature, dim=-1)
+        assert_close(logprobs, full[tokens], atol=1e-6)
