@@ -161,6 +161,7 @@ def test_equation_against_bare_value():
 def test_equations():
     both([("y = 2x + 1", "y = 1 + 2x"), ("y=2x+1", "2x+1=y"), ("2x+2y=2", "x+y=1")], True)
     both([("y = 2x + 1", "y = 2x + 2"), ("x + y = 1", "x - y = 1"), ("x=1", "x<1")], False)
+    both([("y = x + 10^{5000}", "y = x + 10^{5001}"), ("x^{2} = 4", "x = 2")], False)
 
 
 def test_inequalities():

@@ -60,6 +60,7 @@ bool equations_equal(const Expr& pe, const Node& pr, const Expr& ge, const Node&
         Value dg = value_sub(evaluate(ge, gr.kids[0], a, budget), evaluate(ge, gr.kids[1], a, budget), budget);
         if (!dp.valid && !dg.valid) continue;
         if (!dp.valid || !dg.valid || dp.inf || dg.inf) return false;
+        if (!std::isfinite(dp.ap) || !std::isfinite(dg.ap)) return false;  // too large to decide
         bool zp = std::fabs(dp.ap) < 1e-12L, zg = std::fabs(dg.ap) < 1e-12L;
         if (zp != zg) return false;
         if (zp) continue;
