@@ -102,3 +102,40 @@ def test_shape_errors_name_the_shapes():
         paged_decode_attention_ref(q[:, :3], k, v, tables, ctx, 1.0)
     with pytest.raises(ValueError, match="do not match"):
         paged_decode_attention_ref(q, k, v, tables, ctx.repeat(2), 1.0)
+
+
+@needs_triton
+def test_engine_with_triton_kernel_equals_reference_path():
+    """End to end: the engine's greedy tokens do not change when decode attention runs in Triton."""
+    from tiny_models import hf_model, ours_from_hf
+
+    from spice_fast.engine import Engine, SamplingParams
+    from spice_fast.model import set_attention_backend
+
+    model = ours_from_hf(hf_model("qwen3", tied=False)).to(DEVICE)
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    prompts = [[5, 9, 200, 31, 7], [44] * 19]
+    expected = [o.outputs[0].token_ids for o in Engine(model, block_size=8).generate(prompts, params)]
+    set_attention_backend("triton")
+    try:
+        got = [o.outputs[0].token_ids for o in Engine(model, block_size=8).generate(prompts, params)]
+    finally:
+        set_attention_backend("auto")
+    assert got == expected
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("group", [1, 4, 7])
+def test_flash_attn_with_kvcache_matches_reference(group):
+    pytest.importorskip("flash_attn")
+    from flash_attn import flash_attn_with_kvcache
+
+    lens = [1, 15, 16, 17, 300, 700]
+    q, k, v, tables, ctx = make_case(lens, num_kv_heads=2, group=group, head_dim=128, block_size=256,
+                                     dtype=torch.bfloat16, seed=2)  # fmt: skip
+    tables = torch.where(tables >= k.shape[0], 0, tables)
+    scale = 128**-0.5
+    got = flash_attn_with_kvcache(q.unsqueeze(1), k, v, cache_seqlens=ctx, block_table=tables,
+                                  softmax_scale=scale, causal=True).squeeze(1)  # fmt: skip
+    exact = reference(q.double(), k.double(), v.double(), tables, ctx, scale)
+    assert_error_rule(got, reference(q, k, v, tables, ctx, scale), exact, tiny=1e-3)

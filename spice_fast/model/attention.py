@@ -11,7 +11,8 @@
 
 In both modes, when a ``PagedKVCache`` and a ``slot_mapping`` are given, each token's K/V are
 written to its slot of the pool first, so a prefill fills the cache that later decode steps read.
-``set_attention_backend("torch")`` forces the PyTorch paths everywhere (tests, debugging).
+``set_attention_backend("torch")`` forces the PyTorch paths everywhere (tests, debugging);
+``"triton"`` forces the Triton decode kernel, also on CPU tensors under ``TRITON_INTERPRET=1``.
 """
 
 from __future__ import annotations
@@ -31,13 +32,14 @@ from spice_fast.model.layers import RMSNorm, RotaryEmbedding
 
 logger = logging.getLogger(__name__)
 
-_BACKENDS = ("auto", "torch")
+_BACKENDS = ("auto", "torch", "triton")
 _backend = os.environ.get("SPICE_FAST_ATTENTION", "auto")
 _flash = {}  # name -> flash-attn function, filled on first use
 
 
 def set_attention_backend(name: str) -> None:
-    """``"auto"``: fastest available kernel; ``"torch"``: PyTorch reference paths only."""
+    """``"auto"``: fastest available kernel; ``"torch"``: PyTorch reference paths only; ``"triton"``:
+    the Triton decode kernel wherever Triton runs (CPU tensors need ``TRITON_INTERPRET=1``)."""
     global _backend
     if name not in _BACKENDS:
         raise ValueError(f"attention backend must be one of {_BACKENDS}, got {name!r}")
@@ -181,6 +183,10 @@ def paged_decode_attention(
     batch: AttentionBatch,
     scale: float,
 ) -> torch.Tensor:  # [B, num_heads, D]
+    if _backend == "triton":
+        return _paged_decode_kernel(
+            q, k_cache, v_cache, batch.block_tables, batch.context_lens, scale, backend="triton"
+        )
     if _backend == "torch" or not q.is_cuda:
         return paged_decode_attention_ref(q, k_cache, v_cache, batch.block_tables, batch.context_lens, scale)
     flash = _flash_fn("flash_attn_with_kvcache") if k_cache.shape[1] % 256 == 0 else None
