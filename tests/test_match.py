@@ -104,6 +104,14 @@ def test_relative_tolerance_for_irrationals():
     both([("1.4142", r"\sqrt{2}"), ("3.1416", r"\pi")], False)
 
 
+def test_rounding_noise_is_zero_but_tiny_values_are_not():
+    both(
+        [(r"\sin(\pi)", "0"), (r"\sqrt{2}\cdot\sqrt{2}-2", "0"), (r"\cos(\pi/2)", "0"), (r"\tan(\pi)", "0")],
+        True,
+    )
+    both([(r"\pi/10^{20}", "0"), (r"\sqrt{2}\cdot 10^{-30}", "0"), (r"\sin(10^{-20})", "0")], False)
+
+
 def test_percent():
     both([("50\\%", "50\\%"), ("50", "50\\%"), ("0.5", "50\\%"), ("50%", "50\\%")], True)
     both([("51", "50\\%"), ("0.51", "50\\%")], False)

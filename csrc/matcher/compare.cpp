@@ -61,7 +61,7 @@ bool equations_equal(const Expr& pe, const Node& pr, const Expr& ge, const Node&
         if (!dp.valid && !dg.valid) continue;
         if (!dp.valid || !dg.valid || dp.inf || dg.inf) return false;
         if (!std::isfinite(dp.ap) || !std::isfinite(dg.ap)) return false;  // too large to decide
-        bool zp = std::fabs(dp.ap) < 1e-12L, zg = std::fabs(dg.ap) < 1e-12L;
+        bool zp = is_zeroish(dp), zg = is_zeroish(dg);
         if (zp != zg) return false;
         if (zp) continue;
         long double r = dp.ap / dg.ap;

@@ -23,14 +23,18 @@ Value from_exact(Rational q) {
     return v;
 }
 
-Value from_approx(long double x) {
+// mag: the size of the operands the value was computed from; a result far below it is cancellation.
+Value from_approx(long double x, long double mag = 0.0L) {
     Value v;
     // Values outside the long double range (or underflowed) are too large to decide.
     if (!std::isfinite(x) || (x != 0.0L && std::fabs(x) < 1e-4000L)) return v;
     v.valid = true;
     v.ap = x;
+    v.mag = std::isfinite(mag) ? std::max(std::fabs(x), mag) : std::fabs(x);
     return v;
 }
+
+long double mag_of(const Value& v) { return v.exact ? std::fabs(v.ap) : v.mag; }
 
 Value from_inf(int sign) {
     Value v;
@@ -49,7 +53,7 @@ Value add2(const Value& a, const Value& b, Budget& budget) {
     }
     if (a.exact && b.exact) return from_exact(radd(a.q, b.q, budget));
     if (!approx_ok(a) || !approx_ok(b)) return invalid();
-    return from_approx(a.ap + b.ap);
+    return from_approx(a.ap + b.ap, std::max(mag_of(a), mag_of(b)));
 }
 
 Value neg(const Value& a) {
@@ -74,7 +78,7 @@ Value mul2(const Value& a, const Value& b, Budget& budget) {
     }
     if (a.exact && b.exact) return from_exact(rmul(a.q, b.q, budget));
     if (!approx_ok(a) || !approx_ok(b)) return invalid();
-    return from_approx(a.ap * b.ap);
+    return from_approx(a.ap * b.ap, mag_of(a) * mag_of(b));
 }
 
 Value inv(const Value& a, Budget& budget) {
@@ -162,7 +166,7 @@ Value power(const Value& b, const Value& e, Budget& budget) {
         return invalid();
     }
     if (b.ap == 0.0L && e.ap <= 0) return invalid();
-    return from_approx(std::pow(b.ap, e.ap));
+    return from_approx(std::pow(b.ap, e.ap), e.ap > 0 ? std::pow(mag_of(b), e.ap) : 0.0L);
 }
 
 Value factorial(const Value& a, Budget& budget) {
@@ -220,9 +224,9 @@ Value function(const std::string& name, const Value& a, Budget& budget) {
     }
     if (!approx_ok(a)) return invalid();
     long double x = a.ap;
-    if (name == "sin") return from_approx(std::sin(x));
-    if (name == "cos") return from_approx(std::cos(x));
-    if (name == "tan") return from_approx(std::tan(x));
+    if (name == "sin") return from_approx(std::sin(x), std::fabs(x));
+    if (name == "cos") return from_approx(std::cos(x), std::fabs(x));
+    if (name == "tan") return from_approx(std::tan(x), std::fabs(x));
     if (name == "cot") return std::tan(x) == 0 ? invalid() : from_approx(1.0L / std::tan(x));
     if (name == "sec") return std::cos(x) == 0 ? invalid() : from_approx(1.0L / std::cos(x));
     if (name == "csc") return std::sin(x) == 0 ? invalid() : from_approx(1.0L / std::sin(x));
@@ -235,7 +239,7 @@ Value function(const std::string& name, const Value& a, Budget& budget) {
     if (name == "exp") return from_approx(std::exp(x));
     if (name == "log") {
         if (a.exact && a.q.num.is_one() && a.q.den.is_one()) return from_exact(Rational::integer(0));
-        return x <= 0 ? invalid() : from_approx(std::log(x));
+        return x <= 0 ? invalid() : from_approx(std::log(x), 1.0L);
     }
     (void)budget;
     return invalid();
@@ -321,11 +325,15 @@ bool values_equal(const Value& a, const Value& b, Budget& budget) {
     long double diff = std::fabs(a.ap - b.ap);
     long double scale = std::max(std::fabs(a.ap), std::fabs(b.ap));
     if (diff <= 1e-6L * scale) return true;
-    // An approximate value that should be an exact zero (sin(pi)) carries rounding noise.
-    bool a_zero = a.exact && a.q.is_zero(), b_zero = b.exact && b.q.is_zero();
-    if ((a_zero && !b.exact && std::fabs(b.ap) < 1e-12L) || (b_zero && !a.exact && std::fabs(a.ap) < 1e-12L))
-        return true;
-    return false;
+    // A value that should be zero but carries rounding noise (sin(pi)) equals zero; a genuinely
+    // tiny value (pi / 10^{20}) does not, because its noise scale is tiny too.
+    return is_zeroish(a) && is_zeroish(b);
+}
+
+bool is_zeroish(const Value& v) {
+    if (!v.valid || v.inf) return false;
+    if (v.exact) return v.q.is_zero();
+    return std::fabs(v.ap) <= 1e-12L * v.mag;
 }
 
 void collect_vars(const Expr& e, int id, std::vector<std::string>& names) {
