@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <atomic>
 #include <exception>
+#include <system_error>
 #include <thread>
 
 #include "matcher/compare.h"
@@ -109,7 +110,13 @@ std::vector<uint8_t> verify_batch(const std::vector<std::string>& preds, const s
         }
     };
     std::vector<std::thread> pool;
-    for (size_t t = 1; t < workers; ++t) pool.emplace_back(work);
+    for (size_t t = 1; t < workers; ++t) {
+        try {
+            pool.emplace_back(work);
+        } catch (const std::system_error&) {
+            break;  // no more threads available: the ones started (and this one) share the work
+        }
+    }
     work();
     for (std::thread& t : pool) t.join();
     return out;
