@@ -115,14 +115,16 @@ def _logprob_bwd_kernel(
     grad_entropy_ptr,
     stride_grad_entropy,
     num_cols,
+    col_offset,
     inv_temperature,
     BLOCK_V: tl.constexpr,
     ENTROPY: tl.constexpr,
 ):
-    """Overwrites the row's logits with dloss/dlogits (the 1/temperature factor included)."""
+    """Overwrites the row's logits (vocabulary columns col_offset + [0, num_cols)) with dloss/dlogits,
+    the 1/temperature factor included."""
     row = tl.program_id(0).to(tl.int64)
     row_ptr = logits_ptr + row * stride_logits_row
-    target = tl.load(targets_ptr + row).to(tl.int64)
+    target = tl.load(targets_ptr + row).to(tl.int64) - col_offset  # outside [0, num_cols): not here
     m = tl.load(max_ptr + row)
     log_s = tl.load(log_s_ptr + row)
     omp = tl.load(omp_ptr + row)
@@ -166,8 +168,21 @@ def logprob_rows_fwd(logits: torch.Tensor, targets: torch.Tensor, temperature: f
     return out[0], out[1], out[2], out[3], (out[4] if return_entropy else None)
 
 
-def logprob_rows_bwd(logits, targets, m, log_s, omp, entropy, grad_logp, grad_entropy, temperature: float):
-    """Launcher: overwrite ``logits`` [C, V] with dloss/dlogits. Upstream grads may be strided views."""
+def logprob_rows_bwd(
+    logits,
+    targets,
+    logp,
+    m,
+    log_s,
+    omp,
+    entropy,
+    grad_logp,
+    grad_entropy,
+    temperature: float,
+    col_offset: int = 0,
+):
+    """Launcher: overwrite ``logits`` [N, Vc] (vocabulary columns ``col_offset`` + [0, Vc)) with
+    dloss/dlogits. Upstream grads may be strided views; ``logp`` is unused (the PyTorch twin needs it)."""
     num_rows, num_cols = logits.shape
     assert logits.stride(1) == 1
     use_entropy = entropy is not None and grad_entropy is not None
@@ -185,6 +200,7 @@ def logprob_rows_bwd(logits, targets, m, log_s, omp, entropy, grad_logp, grad_en
             grad_entropy if use_entropy else grad_logp,
             grad_entropy.stride(0) if use_entropy else 0,
             num_cols,
+            col_offset,
             1.0 / temperature,
             BLOCK_V=default_block_v(num_cols),
             ENTROPY=use_entropy,
@@ -221,28 +237,45 @@ def _rows_fwd_torch(logits: torch.Tensor, targets: torch.Tensor, temperature: fl
     return logp, m.squeeze(-1), log_s, omp, entropy
 
 
-def _rows_bwd_torch(logits, targets, m, log_s, omp, entropy, grad_logp, grad_entropy, temperature: float):
-    """dloss/dlogits [C, V] fp32, in place in ``logits`` when it is fp32."""
+def _rows_bwd_torch(
+    logits,
+    targets,
+    logp,
+    m,
+    log_s,
+    omp,
+    entropy,
+    grad_logp,
+    grad_entropy,
+    temperature: float,
+    col_offset: int = 0,
+):
+    """dloss/dlogits [N, Vc] fp32 for vocabulary columns ``col_offset`` + [0, Vc), in place in ``logits``."""
     z = logits if logits.dtype == torch.float32 else logits.float()
     if temperature != 1.0:
         z.div_(temperature)
     z.sub_(m.unsqueeze(-1))  # exactly forward's shift, so p_j below adds up with 1 - p_t
     g = grad_logp.float().unsqueeze(-1)
-    inv_s = torch.exp(-log_s).unsqueeze(-1)
-    idx = targets.long().unsqueeze(-1)
-    tgt = g * omp.unsqueeze(-1)  # [C, 1] g (1 - p_t), not g - g p_t, which rounds to 0 when p_t ~ 1
-    if entropy is not None and grad_entropy is not None:
+    use_entropy = entropy is not None and grad_entropy is not None
+    if use_entropy:
         g_ent = grad_entropy.float().unsqueeze(-1)
         h = entropy.unsqueeze(-1)
         z.sub_(log_s.unsqueeze(-1))  # log p
-        logp_t = z.gather(-1, idx)
-        tgt = tgt - g_ent * torch.exp(logp_t) * (logp_t + h)
         p = torch.exp(z)
         z.add_(h).mul_(p).mul_(-g_ent)  # g_ent dH/dz_j = -g_ent p_j (log p_j + H)
         z.sub_(p.mul_(g))
+        del p
     else:
-        z.exp_().mul_(-g * inv_s)  # -g p_j
-    z.scatter_(-1, idx, tgt)
+        z.exp_().mul_(-g * torch.exp(-log_s).unsqueeze(-1))  # -g p_j
+    # the target column: g (1 - p_t), not g - g p_t, which rounds to 0 when p_t ~ 1
+    local = targets.long() - col_offset
+    rows = ((local >= 0) & (local < z.shape[1])).nonzero().squeeze(-1)
+    if rows.numel():
+        tgt = grad_logp.float()[rows] * omp[rows]
+        if use_entropy:
+            lp_t = logp[rows]
+            tgt = tgt - grad_entropy.float()[rows] * torch.exp(lp_t) * (lp_t + entropy[rows])
+        z[rows, local[rows]] = tgt
     if temperature != 1.0:
         z.div_(temperature)
     return z
@@ -315,38 +348,48 @@ def _forward_chunks(hidden, weight, targets, temperature, return_entropy, backen
     return stats
 
 
-def _backward_chunks(
+def _backward_vocab_slices(
     hidden, weight, targets, stats, grad_logp, grad_entropy, temperature, backend, chunk, need
 ):
-    """dL/dhidden and dL/dweight: per chunk one logits GEMM, the row kernel, two gradient GEMMs."""
-    num_rows = hidden.shape[0]
+    """dL/dhidden and dL/dweight, sliced over the vocabulary instead of the rows: per slice of Vc columns
+    one [N, Vc] logits GEMM, the row kernel, then dL/dweight[slice] = dlogits.T @ hidden in one GEMM
+    (written once, no weight-sized accumulator) and dL/dhidden += dlogits @ weight[slice] into an
+    [N, H] fp32 accumulator, which is much smaller than [V, H]. Same element budget as the forward."""
+    num_rows, hidden_size = hidden.shape
+    vocab = weight.shape[0]
     rows_bwd = logprob_rows_bwd if backend == "triton" else _rows_bwd_torch
-    m, log_s, omp = stats[1], stats[2], stats[3]
+    logp, m, log_s, omp = stats[0], stats[1], stats[2], stats[3]
     entropy = stats[4] if grad_entropy is not None else None
-    grad_hidden = torch.empty_like(hidden) if need[0] else None
-    # fp32 accumulation of the weight gradient over chunks (in place when the GEMMs are fp32)
-    grad_weight = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32) if need[1] else None
     weight_gemm = gemm_weight(weight, backend)
-    buffer = logits_buffer(chunk, num_rows, weight_gemm)
-    for start in range(0, num_rows, chunk):
-        end = min(start + chunk, num_rows)
-        h = hidden[start:end]
-        logits = chunk_logits(h, weight_gemm, buffer)  # [C, V]
+    h_gemm = hidden if hidden.dtype == weight_gemm.dtype else hidden.to(weight_gemm.dtype)
+    cols = max(1, min(vocab, chunk * vocab // max(num_rows, 1)))
+    buffer = torch.empty(num_rows * cols, device=hidden.device, dtype=weight_gemm.dtype)
+    grad_hidden = (
+        torch.zeros(num_rows, hidden_size, device=hidden.device, dtype=torch.float32) if need[0] else None
+    )
+    grad_weight = torch.empty_like(weight) if need[1] else None
+    for start in range(0, vocab, cols):
+        end = min(start + cols, vocab)
+        w = weight_gemm[start:end]
+        logits = torch.mm(h_gemm, w.T, out=buffer[: num_rows * (end - start)].view(num_rows, end - start))
         dlogits = rows_bwd(
-            logits,
-            targets[start:end],
-            m[start:end],
-            log_s[start:end],
-            omp[start:end],
-            None if entropy is None else entropy[start:end],
-            grad_logp[start:end],
-            None if grad_entropy is None else grad_entropy[start:end],
-            temperature,
-        )
-        accumulate_grads(dlogits, h, weight_gemm, grad_hidden, grad_weight, start)
+            logits, targets, logp, m, log_s, omp, entropy, grad_logp, grad_entropy, temperature, start
+        )  # [N, Vc]
+        if dlogits.dtype != w.dtype:
+            dlogits = dlogits.to(w.dtype)
+        if grad_hidden is not None:
+            if w.dtype == torch.float32:
+                grad_hidden.addmm_(dlogits, w)
+            else:
+                grad_hidden += dlogits @ w
+        if grad_weight is not None:
+            if grad_weight.dtype == dlogits.dtype and grad_weight.is_contiguous():
+                torch.mm(dlogits.T, h_gemm, out=grad_weight[start:end])
+            else:
+                grad_weight[start:end] = dlogits.T @ h_gemm
         del logits, dlogits
-    if grad_weight is not None:
-        grad_weight = grad_weight.to(weight.dtype)
+    if grad_hidden is not None:
+        grad_hidden = grad_hidden.to(hidden.dtype)
     return grad_hidden, grad_weight
 
 
@@ -381,7 +424,7 @@ class _FusedLinearLogprob(torch.autograd.Function):
         need = ctx.needs_input_grad[:2]
         if not any(need):
             return None, None, None, None, None, None, None
-        grad_hidden, grad_weight = _backward_chunks(
+        grad_hidden, grad_weight = _backward_vocab_slices(
             hidden,
             weight,
             targets,
