@@ -5,7 +5,11 @@ samples, temperature 1.0 (no top-k / top-p), up to 128 new tokens, stop at EOS. 
 tokens/s of both, the ratio, and the KV memory each used, then one JSON line.
 
     python benches/bench_sampler.py                       # embedded default model, float32, CPU
-    python benches/bench_sampler.py --model Qwen/Qwen2.5-0.5B-Instruct --device cuda --dtype bfloat16
+    python benches/bench_sampler.py --random qwen3-0.6b --device cuda --dtype bfloat16   # no download
+
+With ``--random NAME`` the model is a random-weight one of that architecture (bench_model's CONFIGS)
+and the prompts are random token ids of chat-prompt length; without EOS, every sample runs to
+``--max-tokens`` on both sides.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from common import print_json, print_table  # noqa: E402
 
 import spice_fast  # noqa: E402
 from spice_fast.engine import Engine, SamplingParams  # noqa: E402
+from spice_fast.model import CausalLM, ModelConfig  # noqa: E402
 
 QUESTIONS = [
     "What is the capital of Australia?",
@@ -46,15 +51,21 @@ def hf_twin(model) -> transformers.PreTrainedModel:
 
 
 def run_hf(hf, tokenizer, prompts, n, max_tokens, temperature, stop_ids, device):
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+    if tokenizer is None:  # equal-length token-id prompts
+        ids = torch.tensor(prompts, device=device)
+        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        pad_id = 0
+    else:
+        tokenizer.padding_side = "left"
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+        pad_id = tokenizer.pad_token_id
     start = time.perf_counter()
     with torch.inference_mode():
         out = hf.generate(
             **batch, do_sample=True, temperature=temperature, top_k=0, top_p=1.0, max_new_tokens=max_tokens,
-            num_return_sequences=n, eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id,
+            num_return_sequences=n, eos_token_id=stop_ids or None, pad_token_id=pad_id,
         )  # fmt: skip
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -75,6 +86,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--random", default=None, help="random weights of a bench_model config instead")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--num-prompts", type=int, default=8)
@@ -84,16 +96,26 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device(args.device)
 
-    model, tokenizer = spice_fast.load(args.model, dtype=args.dtype, device=device)
-    chats = [QUESTIONS[i % len(QUESTIONS)] for i in range(args.num_prompts)]
-    prompts = [
-        tokenizer.apply_chat_template(
-            [{"role": "user", "content": q}], add_generation_prompt=True, tokenize=False
-        )
-        for q in chats
-    ]
+    if args.random:
+        from bench_model import CONFIGS
+
+        model = CausalLM(ModelConfig.from_hf(CONFIGS[args.random]))
+        model = model.to(device=device, dtype=getattr(torch, args.dtype)).init_weights(seed=0).eval()
+        tokenizer = None
+        gen = torch.Generator().manual_seed(0)
+        prompts = [torch.randint(10, 1000, (40,), generator=gen).tolist() for _ in range(args.num_prompts)]
+        args.model = f"random {args.random}"
+    else:
+        model, tokenizer = spice_fast.load(args.model, dtype=args.dtype, device=device)
+        chats = [QUESTIONS[i % len(QUESTIONS)] for i in range(args.num_prompts)]
+        prompts = [
+            tokenizer.apply_chat_template(
+                [{"role": "user", "content": q}], add_generation_prompt=True, tokenize=False
+            )
+            for q in chats
+        ]
     engine = Engine(model, tokenizer, max_num_seqs=args.num_prompts * args.n, max_model_len=1024)
-    stop_ids = sorted(engine._stop_ids)
+    stop_ids = engine.stop_token_ids
     params = SamplingParams(n=args.n, temperature=args.temperature, max_tokens=args.max_tokens, seed=0)
 
     engine.generate(prompts[:1], SamplingParams(max_tokens=4))  # warm-up (kernels, allocator)

@@ -39,4 +39,12 @@ step bench_logprob 80 "$PY" benches/bench_logprob.py --n 4096,8192,16384 --qwen-
 step bench_grpo_loss 100 "$PY" benches/bench_grpo_loss.py --models smollm2,qwen3-4b,big --n 8192 --repeat 5
 # ==== end training kernels ====
 
+# ==== model and rollout engine (issues 2, 3) ==== budget 170 s
+# GPU tests: bf16 parity, flash-attn varlen and paged paths, the Triton decode kernel compiled, the engine.
+step engine_tests 60 "$PY" -m pytest -q -x tests/test_model.py tests/test_paged_attention.py tests/test_engine.py
+step bench_paged_attention 30 "$PY" benches/bench_paged_attention.py --batch 64 --ctx 512,2048,8192
+step bench_model 30 "$PY" benches/bench_model.py --device cuda --dtype bfloat16 --model qwen3-0.6b
+step bench_sampler 50 "$PY" benches/bench_sampler.py --random qwen3-0.6b --device cuda --dtype bfloat16
+# ==== end model and rollout engine ====
+
 exit "$status"

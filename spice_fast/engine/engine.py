@@ -115,6 +115,11 @@ class Engine:
             self._stop_ids.add(tokenizer.eos_token_id)
 
     @property
+    def stop_token_ids(self) -> list[int]:
+        """The model's EOS tokens, which end a completion unless ``ignore_eos``."""
+        return sorted(self._stop_ids)
+
+    @property
     def kv_cache_bytes(self) -> int:
         return 2 * self.cache.k.numel() * self.cache.k.element_size()
 
