@@ -1,41 +1,28 @@
 """fused_grpo_loss == policy_loss(fused_linear_logprob(...)) in loss and gradients, and vs fp64 references.
 
-Triton kernels run under TRITON_INTERPRET=1 on a CPU (see tests/test_kernels_logprob.py for the set-up).
+Triton kernels run under TRITON_INTERPRET=1 on a CPU (set by tests/conftest.py).
 Run: python -m pytest -q tests/test_kernels_fused_grpo.py
 """
 
-import os
-import subprocess
-import sys
-
+import pytest
 import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is first imported
-
-import pytest  # noqa: E402
-from helpers import assert_close, assert_error_rule  # noqa: E402
-from spice_fast.kernels import (  # noqa: E402
+from helpers import assert_close, assert_error_rule
+from spice_fast.kernels import (
     fused_grpo_loss,
     fused_linear_logprob,
     fused_linear_logprob_ref,
     policy_loss,
     policy_loss_ref,
 )
-from spice_fast.kernels._utils import interpreter_ready, triton_available  # noqa: E402
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+from spice_fast.kernels._utils import interpreter_ready, triton_available
+from torch.utils._python_dispatch import TorchDispatchMode
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TRITON_HERE = triton_available() and (DEVICE == "cuda" or interpreter_ready())
-SKIP_TRITON = pytest.mark.skipif(not TRITON_HERE, reason="run by test_triton_in_fresh_process")
+SKIP_TRITON = pytest.mark.skipif(
+    not TRITON_HERE, reason="Triton needs a GPU or TRITON_INTERPRET=1 (set by tests/conftest.py)"
+)
 BACKENDS = ["torch", pytest.param("triton", marks=SKIP_TRITON)]
-
-
-@pytest.mark.skipif(TRITON_HERE or not triton_available(), reason="the Triton cases ran in this process")
-def test_triton_in_fresh_process():
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__, "-k", "triton"]
-    subprocess.run(cmd, env=env, check=True, cwd=os.path.dirname(__file__))
 
 
 class LargestTensor(TorchDispatchMode):

@@ -1,42 +1,30 @@
 """fused_linear_logprob vs its reference: forward, gradients, regressions, memory, dispatch.
 
-Triton kernels run compiled on a GPU and under TRITON_INTERPRET=1 on a CPU: the variable is set below
-before Triton is imported; when another test module imported Triton first, the Triton cases rerun in a
-fresh process (test_triton_in_fresh_process). Run: python -m pytest -q tests/test_kernels_logprob.py
+Triton kernels run compiled on a GPU and under TRITON_INTERPRET=1 on a CPU (tests/conftest.py sets it
+before Triton is first imported). Run: python -m pytest -q tests/test_kernels_logprob.py
 """
 
-import os
 import subprocess
 import sys
 
+import pytest
 import torch
-
-if not torch.cuda.is_available():
-    # before triton is first imported (its standard library is jitted then); harmless in a CPU-only run
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-from helpers import assert_error_rule  # noqa: E402
-from spice_fast.kernels import fused_linear_logprob, fused_linear_logprob_ref  # noqa: E402
-from spice_fast.kernels._utils import interpreter_ready, pick_backend, triton_available  # noqa: E402
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+from helpers import assert_error_rule
+from spice_fast.kernels import fused_linear_logprob, fused_linear_logprob_ref
+from spice_fast.kernels._utils import interpreter_ready, pick_backend, triton_available
+from torch.utils._python_dispatch import TorchDispatchMode
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TRITON_HERE = triton_available() and (DEVICE == "cuda" or interpreter_ready())
 BACKENDS = [
     "torch",
     pytest.param(
-        "triton", marks=pytest.mark.skipif(not TRITON_HERE, reason="run by test_triton_in_fresh_process")
+        "triton",
+        marks=pytest.mark.skipif(
+            not TRITON_HERE, reason="Triton needs a GPU or TRITON_INTERPRET=1 (set by tests/conftest.py)"
+        ),
     ),
 ]
-
-
-@pytest.mark.skipif(TRITON_HERE or not triton_available(), reason="the Triton cases ran in this process")
-def test_triton_in_fresh_process():
-    """Triton was imported before TRITON_INTERPRET=1 (another test module): rerun the Triton cases cleanly."""
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__, "-k", "triton"]
-    subprocess.run(cmd, env=env, check=True, cwd=os.path.dirname(__file__))
 
 
 def make_inputs(num_rows, hidden_size, vocab, dtype, seed=0, scale=1.0):
