@@ -1,0 +1,89 @@
+"""Prompts of both SPICE roles, in one place (the paper did not publish its texts).
+
+* Challenger: sees a document and the answer type to produce, writes one self-contained question in
+  a tagged format that ``spice_fast.spice.parsing`` reads strictly.
+* Reasoner: sees only the question (and its options for multiple choice), reasons step by step and
+  puts the final answer in ``\\boxed{}``.
+
+``render`` applies the tokenizer's chat template when the model has one and a plain
+``User: / Assistant:`` template for base models.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+ANSWER_TYPES = ("mcq", "integer", "expression", "string")
+
+_TYPE_INSTRUCTIONS = {
+    "mcq": (
+        "Write a multiple-choice question with exactly four options labelled A, B, C and D, exactly one "
+        "of them correct. Put the options in an <options> block, one per line as 'A) ...'. The answer is "
+        "the letter of the correct option."
+    ),
+    "integer": "Write a question whose answer is a single integer. The answer is that integer, digits only.",
+    "expression": (
+        "Write a question whose answer is a mathematical expression or number (a fraction, a root, a "
+        "formula). The answer is that expression in LaTeX, without dollar signs."
+    ),
+    "string": (
+        "Write a question whose answer is a short phrase of at most five words. The answer is that phrase."
+    ),
+}
+
+_CHALLENGER_TEMPLATE = """You write exam questions from a document. A student will answer your question \
+WITHOUT seeing the document, so the question must be self-contained: state every fact, definition and \
+number the student needs, and never refer to "the document", "the text" or "the passage". Make the \
+question hard: it should take several reasoning steps, and its answer must follow from the document.
+
+{type_instruction}
+
+Document:
+<document>
+{document}
+</document>
+
+Reply in exactly this format and nothing else:
+<question>the question</question>
+{options_line}<answer>the answer</answer>"""
+
+_REASONER_TEMPLATE = """{question}{options}
+
+Think step by step, then give your final answer in \\boxed{{}}{answer_hint}."""
+
+
+def draw_answer_type(rng: random.Random, mix: dict[str, float]) -> str:
+    """One answer type drawn with the weights of ``mix`` (keys among ANSWER_TYPES)."""
+    bad = sorted(set(mix) - set(ANSWER_TYPES))
+    if bad or not mix or any(w < 0 for w in mix.values()) or sum(mix.values()) <= 0:
+        raise ValueError(f"answer type mix must weight {ANSWER_TYPES} with non-negative weights, got {mix}")
+    types = sorted(mix)
+    return rng.choices(types, weights=[mix[t] for t in types], k=1)[0]
+
+
+def challenger_prompt(document: str, answer_type: str) -> str:
+    if answer_type not in ANSWER_TYPES:
+        raise ValueError(f"answer_type must be one of {ANSWER_TYPES}, got {answer_type!r}")
+    options_line = "<options>\nA) ...\nB) ...\nC) ...\nD) ...\n</options>\n" if answer_type == "mcq" else ""
+    return _CHALLENGER_TEMPLATE.format(
+        type_instruction=_TYPE_INSTRUCTIONS[answer_type], document=document.strip(), options_line=options_line
+    )
+
+
+def reasoner_prompt(question: str, options: list[str] | None = None) -> str:
+    if options:
+        listed = "\n" + "\n".join(f"{'ABCD'[i]}) {opt}" for i, opt in enumerate(options))
+        hint = " as the letter of the correct option"
+    else:
+        listed, hint = "", ""
+    return _REASONER_TEMPLATE.format(question=question.strip(), options=listed, answer_hint=hint)
+
+
+def render(tokenizer: Any, user_text: str) -> str:
+    """The prompt text the model sees: its chat template when it has one, else a plain template."""
+    if tokenizer is not None and getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": user_text}], add_generation_prompt=True, tokenize=False
+        )
+    return f"User: {user_text}\n\nAssistant:"
