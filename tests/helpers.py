@@ -4,6 +4,7 @@ and the STYLE.md error rule (kernel error vs an fp64 reference at most twice PyT
 from __future__ import annotations
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 
 def assert_close(
@@ -45,3 +46,19 @@ def assert_error_rule(
     k_err, t_err = max_err(kernel, reference_fp64), max_err(torch_same_precision, reference_fp64)
     if not k_err <= 2 * t_err + tiny:
         raise AssertionError(f"{name}: kernel error {k_err:.3e} > 2 x torch error {t_err:.3e} + {tiny:.1e}")
+
+
+class LargestTensor(TorchDispatchMode):
+    """Records the largest tensor (in bytes) any op creates, forward and backward."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, tuple | list) else (out,):
+            if isinstance(t, torch.Tensor):
+                # bytes: the Triton interpreter copies kernel arguments as raw byte storages
+                self.largest = max(self.largest, t.numel() * t.element_size())
+        return out

@@ -6,7 +6,7 @@ Run: python -m pytest -q tests/test_kernels_fused_grpo.py
 
 import pytest
 import torch
-from helpers import assert_close, assert_error_rule
+from helpers import LargestTensor, assert_close, assert_error_rule
 from spice_fast.kernels import (
     fused_grpo_loss,
     fused_linear_logprob,
@@ -15,7 +15,6 @@ from spice_fast.kernels import (
     policy_loss_ref,
 )
 from spice_fast.kernels._utils import interpreter_ready, triton_available
-from torch.utils._python_dispatch import TorchDispatchMode
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TRITON_HERE = triton_available() and (DEVICE == "cuda" or interpreter_ready())
@@ -23,21 +22,6 @@ SKIP_TRITON = pytest.mark.skipif(
     not TRITON_HERE, reason="Triton needs a GPU or TRITON_INTERPRET=1 (set by tests/conftest.py)"
 )
 BACKENDS = ["torch", pytest.param("triton", marks=SKIP_TRITON)]
-
-
-class LargestTensor(TorchDispatchMode):
-    """Records the largest tensor (in bytes) any op creates, forward and backward."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, tuple | list) else (out,):
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.numel() * t.element_size())
-        return out
 
 
 def make_problem(num_seqs, seq_len, hidden_size, vocab, dtype, seed=0):

@@ -9,10 +9,9 @@ import sys
 
 import pytest
 import torch
-from helpers import assert_error_rule
+from helpers import LargestTensor, assert_error_rule
 from spice_fast.kernels import fused_linear_logprob, fused_linear_logprob_ref
 from spice_fast.kernels._utils import interpreter_ready, pick_backend, triton_available
-from torch.utils._python_dispatch import TorchDispatchMode
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TRITON_HERE = triton_available() and (DEVICE == "cuda" or interpreter_ready())
@@ -155,22 +154,6 @@ def test_backends_agree_and_chunking_is_invisible():
     b = fused_linear_logprob(hidden, weight, targets, backend="torch", chunk_size=50)
     c = fused_linear_logprob(hidden, weight, targets, backend="torch", chunk_size=13)
     assert (a - b).abs().max() < 1e-5 and (a - c).abs().max() < 1e-5
-
-
-class LargestTensor(TorchDispatchMode):
-    """Records the largest tensor (in bytes) any op creates, forward and backward."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, tuple | list) else (out,):
-            if isinstance(t, torch.Tensor):
-                # bytes: the Triton interpreter copies kernel arguments as raw byte storages
-                self.largest = max(self.largest, t.numel() * t.element_size())
-        return out
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

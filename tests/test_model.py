@@ -176,7 +176,7 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("arch", ARCHS)
 def test_bfloat16_error_within_twice_transformers_error(arch, device):
-    """STYLE.md error rule: vs a float64 reference, our bf16 logits are at most 2x transformers' bf16 error."""
+    """STYLE.md error rule: vs a float64 reference, our bf16 logits err at most 2x transformers' bf16."""
     hf = hf_model(arch, tied=False)
     ours = ours_from_hf(hf)
     ids = torch.randint(0, VOCAB, (2, 40), generator=torch.Generator().manual_seed(6)).to(device)
