@@ -27,7 +27,7 @@ from common import print_json, print_table  # noqa: E402
 
 import spice_fast  # noqa: E402
 from spice_fast.engine import Engine, SamplingParams  # noqa: E402
-from spice_fast.model import CausalLM, ModelConfig  # noqa: E402
+from spice_fast.model import CausalLM, ModelConfig, PagedKVCache  # noqa: E402
 
 QUESTIONS = [
     "What is the capital of Australia?",
@@ -125,8 +125,9 @@ def main() -> None:
         torch.cuda.synchronize()
     ours_time = time.perf_counter() - start
     ours_tokens = sum(len(c.token_ids) for o in outs for c in o.outputs)
-    block_bytes = engine.kv_cache_bytes // engine.pool.num_blocks
-    ours_kv = engine.stats.peak_blocks_used * block_bytes
+    ours_kv = engine.stats.peak_blocks_used * PagedKVCache.bytes_per_block(
+        model.config, engine.block_size, model.dtype
+    )
 
     hf = hf_twin(model)
     del engine

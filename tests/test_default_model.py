@@ -34,11 +34,11 @@ def reference():
     ids = torch.tensor([tok.encode(PROMPT)])
     with torch.no_grad():
         logits = hf(ids).logits
-    return tok, ids, logits
+    return tok, hf, ids, logits
 
 
 def test_default_model_logits_match_transformers_gguf_load(reference, cache_dir, monkeypatch):
-    tok, ids, expected = reference
+    tok, _, ids, expected = reference
     monkeypatch.setenv("SPICE_FAST_CACHE", str(cache_dir))
     for attempt in ("converted from GGUF", "read from the cache"):
         model, tokenizer = spice_fast.load("smollm2-135m", device="cpu")
@@ -51,12 +51,8 @@ def test_default_model_logits_match_transformers_gguf_load(reference, cache_dir,
 
 
 def test_engine_greedy_equals_transformers_generate(reference, cache_dir, monkeypatch):
-    tok, _, _ = reference
+    tok, hf, _, _ = reference
     monkeypatch.setenv("SPICE_FAST_CACHE", str(cache_dir))
-    path = alias_path("smollm2-135m")
-    hf = transformers.AutoModelForCausalLM.from_pretrained(
-        path.parent, gguf_file=path.name, dtype=torch.float32
-    )
     model, tokenizer = spice_fast.load("smollm2-135m", device="cpu")
     engine = Engine(model, tokenizer, max_num_seqs=4, max_model_len=512)
     chats = ["What is 7 times 8?", "Name three primary colors."]

@@ -6,6 +6,7 @@ from helpers import assert_close
 from tiny_models import VOCAB, hf_model, ours_from_hf
 
 from spice_fast.engine import Engine, SamplingParams
+from spice_fast.model import PagedKVCache
 
 ARCHS = ["llama", "qwen2", "qwen3"]
 
@@ -105,8 +106,7 @@ def test_pool_exhaustion_completes_every_request():
 
 
 def model_block_gb(model, block_size):
-    c = model.config
-    return 2 * c.num_layers * block_size * c.num_kv_heads * c.head_dim * model.dtype.itemsize / 1024**3
+    return PagedKVCache.bytes_per_block(model.config, block_size, model.dtype) / 1024**3
 
 
 def test_impossible_request_raises_naming_lengths():

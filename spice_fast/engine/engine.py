@@ -93,9 +93,7 @@ class Engine:
         self.max_num_seqs, self.max_model_len, self.block_size = max_num_seqs, max_model_len, block_size
         self.max_num_batched_tokens = max_num_batched_tokens or max(max_model_len, 8192)
         config = model.config
-        block_bytes = (
-            2 * config.num_layers * block_size * config.num_kv_heads * config.head_dim * model.dtype.itemsize
-        )
+        block_bytes = PagedKVCache.bytes_per_block(config, block_size, model.dtype)
         wanted = max_num_seqs * -(-max_model_len // block_size)
         if kv_cache_gb is not None:
             num_blocks = int(kv_cache_gb * 1024**3 // block_bytes)

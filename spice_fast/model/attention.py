@@ -117,6 +117,11 @@ class PagedKVCache:
     k: torch.Tensor  # [num_layers, num_blocks, block_size, num_kv_heads, head_dim]
     v: torch.Tensor  # [num_layers, num_blocks, block_size, num_kv_heads, head_dim]
 
+    @staticmethod
+    def bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+        """Bytes one block takes in the pool: K and V of every layer."""
+        return 2 * config.num_layers * block_size * config.num_kv_heads * config.head_dim * dtype.itemsize
+
     @classmethod
     def allocate(
         cls,
