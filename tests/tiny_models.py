@@ -65,3 +65,31 @@ def ours_from_hf(hf) -> CausalLM:
     state = {k: v for k, v in hf.state_dict().items() if k in model.state_dict()}
     model.load_state_dict(state, strict=True)
     return model.eval()
+
+
+def byte_tokenizer():
+    """A byte-level tokenizer (256 byte tokens + specials, no merges): any text round-trips, offline."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {ch: i for i, ch in enumerate(alphabet)}
+    vocab.update({"<unk>": 256, "<s>": 257, "</s>": 258})
+    backend = Tokenizer(models.BPE(vocab, [], unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>"
+    )
+
+
+def tiny_checkpoint(path, arch: str = "qwen2", *, tied: bool = True, seed: int = 0, **overrides):
+    """A tiny random model with the byte tokenizer, saved as an HF directory that spice_fast.load reads.
+
+    EOS is the tokenizer's ``</s>`` (258) so that generation can stop.
+    """
+    import spice_fast
+
+    overrides = {"eos_token_id": 258, "bos_token_id": 257, "pad_token_id": 256, **overrides}
+    model = ours_from_hf(hf_model(arch, tied=tied, seed=seed, **overrides))
+    spice_fast.save(model, byte_tokenizer(), path)
+    return path

@@ -50,7 +50,10 @@ def role_advantages(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Dr. GRPO advantages per role: each role is centred on its own groups only."""
     c = grpo_advantages(
-        torch.tensor(challenger_rewards, dtype=torch.float32), torch.tensor(challenger_groups)
+        torch.tensor(challenger_rewards, dtype=torch.float32),
+        torch.tensor(challenger_groups, dtype=torch.long),
     )
-    r = grpo_advantages(torch.tensor(reasoner_rewards, dtype=torch.float32), torch.tensor(reasoner_groups))
+    r = grpo_advantages(
+        torch.tensor(reasoner_rewards, dtype=torch.float32), torch.tensor(reasoner_groups, dtype=torch.long)
+    )
     return c, r

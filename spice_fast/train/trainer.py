@@ -1,0 +1,204 @@
+"""The SPICE trainer: rollout and learning fused in one process over one set of weights.
+
+``Trainer(config).train()`` loops ``config.steps`` iterations of ../shared/SPICE.md: the next B corpus
+segments, ``spice_rollout`` with the engine (which reads the model's parameters in place), then
+``policy_update`` (packed fused GRPO loss, AdamW updating the same tensors in place). It writes
+``RUN_DIR/config.yaml``, ``metrics.jsonl``, ``samples.jsonl``, TensorBoard scalars and checkpoints
+(``checkpoint.py``). ``Trainer(config, resume=True)`` continues from the newest complete checkpoint
+exactly: the model, optimizer and master weights, RNG states and corpus position are restored and all
+sampling randomness is keyed on (seed, step), so on a CPU a resumed run logs the same metrics as an
+uninterrupted one. Ctrl-C writes a checkpoint of the last finished step before stopping.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+import spice_fast
+from spice_fast.engine import Engine
+from spice_fast.spice.corpus import Corpus
+from spice_fast.train import checkpoint as ckpt
+from spice_fast.train.config import TrainConfig, from_dict, to_dict
+from spice_fast.train.metrics import RunLogger, console_line
+from spice_fast.train.rollout import spice_rollout
+from spice_fast.train.update import learning_rate, make_optimizer, policy_update
+
+logger = logging.getLogger(__name__)
+
+CONFIG_FILE = "config.yaml"
+
+
+def read_run_config(run_dir: str | Path) -> dict[str, Any]:
+    """The resolved config a run saved in its directory (for ``--resume``)."""
+    import yaml
+
+    path = Path(run_dir) / CONFIG_FILE
+    if not path.is_file():
+        raise ValueError(f"resume: {str(path)!r} not found; is {str(run_dir)!r} a spice-fast run directory?")
+    data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    if not isinstance(data, dict):
+        raise ValueError(f"resume: {str(path)!r} is not a config mapping")
+    return data
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig, *, resume: bool = False):
+        if not isinstance(config, TrainConfig):
+            raise TypeError(f"config: expected a TrainConfig, got {type(config).__name__}")
+        self.config = config
+        self.run_dir = Path(config.run_dir)
+        self.start_step = 0
+        state = None
+        if resume:
+            removed = ckpt.remove_partials(self.run_dir)
+            if removed:
+                logger.warning(
+                    "removed unfinished checkpoint files of a crashed save: %s", ", ".join(removed)
+                )
+            last = ckpt.latest_checkpoint(self.run_dir)
+            if last is None:
+                raise ValueError(f"resume: {str(self.run_dir)!r} has no complete checkpoint")
+            state = ckpt.load_state(last)
+            model_source = str(last)
+        else:
+            if ckpt.list_checkpoints(self.run_dir):
+                raise ValueError(
+                    f"run_dir {str(self.run_dir)!r} already holds checkpoints; resume it with --resume "
+                    "or choose another run_dir"
+                )
+            model_source = config.model.name
+        m = config.model
+        self.model, self.tokenizer = spice_fast.load(model_source, dtype=m.dtype, device=m.device)
+        if self.tokenizer is None:
+            raise ValueError(f"model {model_source!r} has no tokenizer; SPICE prompts are text")
+        self.model.gradient_checkpointing = m.gradient_checkpointing
+        self.model.train()
+        count = lambda text: len(self.tokenizer.encode(text, add_special_tokens=False))
+        self.corpus = Corpus(config.corpus, count_tokens=count)
+        r = config.rollout
+        self.engine = Engine(
+            self.model, self.tokenizer, max_num_seqs=r.max_num_seqs, max_model_len=r.max_model_len,
+            block_size=r.block_size, kv_cache_gb=r.kv_cache_gb,
+        )  # fmt: skip
+        self.optimizer = make_optimizer(self.model, config)
+        if state is not None:
+            self._restore(state)
+        self.log = RunLogger(self.run_dir, tensorboard=config.tensorboard)
+        self.log.truncate_after(self.start_step)
+        self._write_config()
+
+    # ---- state ----
+
+    def state_dict(self, step: int) -> dict[str, Any]:
+        return {
+            "version": 1,
+            "step": step,
+            "optimizer": self.optimizer.state_dict(),
+            "corpus": self.corpus.state_dict(),
+            "rng": {
+                "python": random.getstate(),
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            },
+            "config": to_dict(self.config),
+        }
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.corpus.load_state_dict(state["corpus"])
+        rng = state["rng"]
+        random.setstate(rng["python"])
+        torch.set_rng_state(rng["torch"])
+        if rng["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        self.start_step = state["step"]
+
+    def _write_config(self) -> None:
+        import yaml
+
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        path = self.run_dir / CONFIG_FILE
+        tmp = path.with_name(CONFIG_FILE + ".tmp")
+        tmp.write_text(yaml.safe_dump(to_dict(self.config), sort_keys=False), encoding="utf-8")
+        tmp.replace(path)
+
+    def save(self, step: int) -> Path:
+        return ckpt.save_checkpoint(
+            self.run_dir,
+            step,
+            self.model,
+            self.tokenizer,
+            self.state_dict(step),
+            keep=self.config.keep_checkpoints,
+        )
+
+    # ---- loop ----
+
+    def step(self, step: int) -> dict[str, Any]:
+        """One SPICE iteration; returns its metrics (already logged)."""
+        c = self.config
+        t0 = time.perf_counter()
+        documents = self.corpus.next_batch(c.spice.num_docs)
+        rollout = spice_rollout(self.engine, self.tokenizer, documents, c, step)
+        update = policy_update(self.model, self.optimizer, rollout.sequences, c, learning_rate(c, step))
+        metrics = {**rollout.metrics, **update}
+        metrics.update({
+            "corpus/epoch": self.corpus.epoch, "corpus/position": self.corpus.position,
+            "time/step": time.perf_counter() - t0,
+        })  # fmt: skip
+        self.log.log(step, metrics)
+        if c.sample_every and step % c.sample_every == 0:
+            self.log.log_samples(step, rollout.samples)
+        if update["skipped"] and update["skip_reason"] != "no_signal":
+            logger.warning(
+                "step %d: update skipped (%s); the weights are unchanged", step, update["skip_reason"]
+            )
+        return metrics
+
+    def train(self) -> list[dict[str, Any]]:
+        c = self.config
+        history = []
+        saved = self.start_step
+        bar = tqdm(
+            total=c.steps, initial=self.start_step, desc="spice", unit="step", disable=not c.progress,
+            dynamic_ncols=True,
+        )  # fmt: skip
+        done = self.start_step  # last step whose update is applied
+        try:
+            for step in range(self.start_step + 1, c.steps + 1):
+                metrics = self.step(step)
+                done = step
+                history.append(metrics)
+                bar.update(1)
+                if c.progress:
+                    bar.write(console_line(step, c.steps, metrics))
+                if (c.checkpoint_every and step % c.checkpoint_every == 0) or step == c.steps:
+                    self.save(step)
+                    saved = step
+        except KeyboardInterrupt:
+            if done > saved:
+                logger.warning("interrupted: writing a checkpoint of step %d", done)
+                self.save(done)
+            raise
+        finally:
+            bar.close()
+            self.log.close()
+        return history
+
+
+def resume_config(run_dir: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+    """The saved config of ``run_dir`` with ``key=value`` overrides (e.g. more ``steps``)."""
+    from spice_fast.train.config import _merge, parse_override
+
+    values = read_run_config(run_dir)
+    values["run_dir"] = str(run_dir)
+    for text in overrides:
+        values = _merge(values, parse_override(text))
+    return from_dict(values)

@@ -1,0 +1,273 @@
+"""The policy update: packed micro-batches, the fused GRPO loss, AdamW with fp32 master weights.
+
+``policy_update(model, optimizer, sequences, config, lr)`` is one Dr. GRPO step over the sequences of
+both roles:
+
+* Sequences are packed (prompt + completion, no padding) into micro-batches of at most
+  ``loss.micro_batch_tokens`` tokens; ``model.forward_hidden`` runs one varlen causal pass per
+  micro-batch and only the rows that predict completion tokens go to ``fused_grpo_loss`` (the prompt
+  rows never touch the vocabulary GEMM).
+* Every aggregation is written as ``sum(weight * token_loss) / D`` with a constant known before the
+  pass, so micro-batches add their gradients exactly: ``drgrpo`` D = num_sequences * max_new_tokens,
+  ``token_mean`` D = the step's completion tokens, ``seq_mean_token_mean`` D = num_sequences with
+  per-token weights 1 / len(sequence). Sequences with advantage 0 add nothing and are skipped (they
+  still count in D).
+* Old logprobs: the sampler's (default), or a no-grad recompute pass (``loss.old_logprobs=recompute``)
+  with optional truncated importance weights ``min(exp(recomputed - sampler), tis_cap)``.
+* A non-finite loss or gradient norm skips the optimizer step (gradients are dropped): the weights
+  are never touched by a NaN.
+
+``MasterAdamW`` keeps fp32 master weights when the model is bf16/fp16 (the sampler reads the low
+precision parameters, updated in place from the masters) and is a plain AdamW for fp32 models.
+Tested by tests/test_train.py (packed update = per-sequence reference, skip on NaN, master weights).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from spice_fast.kernels import fused_grpo_loss, fused_linear_logprob
+from spice_fast.model import AttentionBatch, CausalLM
+from spice_fast.train.config import TrainConfig
+from spice_fast.train.rollout import Sequence
+
+
+class MasterAdamW:
+    """AdamW over fp32 masters of low-precision parameters (or over fp32 parameters directly)."""
+
+    def __init__(
+        self, params: list[torch.nn.Parameter], *, lr: float, betas, eps: float, weight_decay: float
+    ):
+        self.params = [p for p in params if p.requires_grad]
+        self.use_masters = any(p.dtype != torch.float32 for p in self.params)
+        if self.use_masters:
+            self.masters = [p.detach().float().clone() for p in self.params]
+            targets = self.masters
+        else:
+            self.masters = None
+            targets = self.params
+        self.optimizer = torch.optim.AdamW(targets, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
+        if self.masters is not None:
+            for m in self.masters:
+                m.grad = None
+
+    @torch.no_grad()
+    def step(self) -> None:
+        if self.masters is None:
+            self.optimizer.step()
+            return
+        for p, m in zip(self.params, self.masters, strict=True):
+            m.grad = None if p.grad is None else p.grad.float()
+        self.optimizer.step()
+        for p, m in zip(self.params, self.masters, strict=True):
+            p.copy_(m)  # in place: the sampler keeps reading the same tensors
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"optimizer": self.optimizer.state_dict(), "masters": self.masters}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        masters = state.get("masters")
+        if (masters is None) != (self.masters is None) or (
+            masters is not None and len(masters) != len(self.masters)
+        ):
+            raise ValueError("optimizer state: saved for a model of another precision or parameter count")
+        if masters is not None:
+            with torch.no_grad():
+                for m, saved in zip(self.masters, masters, strict=True):
+                    if m.shape != saved.shape:
+                        raise ValueError(
+                            f"optimizer state: master of shape {tuple(saved.shape)}, want {tuple(m.shape)}"
+                        )
+                    m.copy_(saved)
+        self.optimizer.load_state_dict(state["optimizer"])
+
+
+def make_optimizer(model: CausalLM, config: TrainConfig) -> MasterAdamW:
+    o = config.optim
+    return MasterAdamW(
+        list(model.parameters()), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay
+    )
+
+
+def learning_rate(config: TrainConfig, step: int) -> float:
+    """Constant after a linear warmup; ``step`` counts from 1."""
+    warmup = config.optim.warmup_steps
+    return config.optim.lr * (min(1.0, step / warmup) if warmup else 1.0)
+
+
+def pack(lengths: list[int], budget: int) -> list[list[int]]:
+    """Indices grouped in order into bins of at most ``budget`` tokens (a longer item gets its own bin)."""
+    bins: list[list[int]] = []
+    used = budget
+    for i, n in enumerate(lengths):
+        if used + n > budget:
+            bins.append([])
+            used = 0
+        bins[-1].append(i)
+        used += n
+    return bins
+
+
+@dataclass
+class _MicroBatch:
+    input_ids: torch.Tensor  # [N] prompt + completion[:-1] of each sequence, packed
+    batch: AttentionBatch
+    rows: torch.Tensor  # [M] positions that predict completion tokens
+    targets: torch.Tensor  # [M] completion tokens
+    sampler_logprobs: torch.Tensor  # [M]
+    advantages: torch.Tensor  # [M] each sequence's advantage on its tokens
+    weights: torch.Tensor  # [M] aggregation weight (1, or 1/len for seq_mean_token_mean)
+
+
+def _micro_batch(seqs: list[Sequence], agg: str, device: torch.device) -> _MicroBatch:
+    ids, rows, targets, lps, advs, weights, lengths = [], [], [], [], [], [], []
+    offset = 0
+    for s in seqs:
+        p, c = len(s.prompt_ids), len(s.completion_ids)
+        ids += s.prompt_ids + s.completion_ids[:-1]
+        rows += range(offset + p - 1, offset + p + c - 1)
+        targets += s.completion_ids
+        lps += s.sampler_logprobs
+        advs += [s.advantage] * c
+        weights += [1.0 / c if agg == "seq_mean_token_mean" else 1.0] * c
+        lengths.append(p + c - 1)
+        offset += p + c - 1
+
+    def t(values, dtype):
+        return torch.tensor(values, dtype=dtype, device=device)
+
+    return _MicroBatch(
+        t(ids, torch.long), AttentionBatch.packed(lengths, device), t(rows, torch.long),
+        t(targets, torch.long), t(lps, torch.float32), t(advs, torch.float32), t(weights, torch.float32),
+    )  # fmt: skip
+
+
+def _denominator(sequences: list[Sequence], config: TrainConfig) -> int:
+    agg = config.loss.agg
+    if agg == "drgrpo":
+        return len(sequences) * config.loss_max_new_tokens
+    if agg == "token_mean":
+        return max(1, sum(len(s.completion_ids) for s in sequences))
+    return len(sequences)
+
+
+def accumulate_gradients(model: CausalLM, sequences: list[Sequence], config: TrainConfig) -> dict[str, Any]:
+    """Backward of the step's loss into the parameters' ``.grad`` (added); returns metrics.
+
+    ``metrics["finite"]`` is False when a micro-batch loss was not finite (the pass stops there).
+    """
+    loss_cfg = config.loss
+    denominator = _denominator(sequences, config)
+    trained = [
+        s for s in sequences if s.completion_ids and (s.advantage != 0 or not loss_cfg.skip_zero_advantage)
+    ]
+    metrics: dict[str, Any] = {
+        "update/num_sequences": len(trained), "update/num_zero_advantage": len(sequences) - len(trained),
+        "update/num_tokens": sum(len(s.completion_ids) for s in trained), "update/num_micro_batches": 0,
+        "time/logprob": 0.0, "finite": True,
+    }  # fmt: skip
+    if not trained:
+        return metrics
+    weight = model.lm_head_weight
+    lengths = [len(s.prompt_ids) + len(s.completion_ids) - 1 for s in trained]
+    batches = [
+        _micro_batch([trained[i] for i in b], loss_cfg.agg, model.device)
+        for b in pack(lengths, loss_cfg.micro_batch_tokens)
+    ]
+    metrics["update/num_micro_batches"] = len(batches)
+    temperature = config.rollout.temperature
+
+    old = [mb.sampler_logprobs for mb in batches]
+    is_weights = [mb.weights for mb in batches]
+    if loss_cfg.old_logprobs == "recompute":
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            old = [
+                fused_linear_logprob(
+                    model.forward_hidden(mb.input_ids, mb.batch).index_select(0, mb.rows),
+                    weight,
+                    mb.targets,
+                    temperature=temperature,
+                )  # fmt: skip
+                for mb in batches
+            ]
+        if loss_cfg.tis_cap is not None:
+            is_weights = [
+                mb.weights * torch.exp(o - mb.sampler_logprobs).clamp(max=loss_cfg.tis_cap)
+                for o, mb in zip(old, batches, strict=True)
+            ]
+        metrics["time/logprob"] = time.perf_counter() - t0
+
+    total_loss, num_tokens, gaps = 0.0, 0, []
+    sums = {"clip_fraction": 0.0, "mean_ratio": 0.0, "approx_kl": 0.0}
+    for mb, old_lp, isw in zip(batches, old, is_weights, strict=True):
+        hidden = model.forward_hidden(mb.input_ids, mb.batch).index_select(0, mb.rows)  # [M, H]
+        loss, m = fused_grpo_loss(
+            hidden, weight, mb.targets, old_lp, mb.advantages, torch.ones_like(mb.advantages),
+            temperature=temperature, clip_low=loss_cfg.clip_low, clip_high=loss_cfg.clip_high,
+            agg="drgrpo", max_new_tokens=denominator, is_weights=isw,
+        )  # fmt: skip
+        if not torch.isfinite(loss):
+            metrics["finite"] = False
+            break
+        loss.backward()
+        count = mb.targets.numel()
+        total_loss += float(loss.detach())
+        for key in sums:
+            sums[key] += float(m[key]) * count
+        gaps.append((m["logprobs"].float() - mb.sampler_logprobs).abs())
+        num_tokens += count
+    gap = torch.cat(gaps) if gaps else torch.zeros(0)
+    metrics.update({
+        "loss": total_loss if metrics["finite"] else float("nan"),
+        **{key: value / max(num_tokens, 1) for key, value in sums.items()},
+        "logprob_gap/mean": float(gap.mean()) if gap.numel() else None,
+        "logprob_gap/max": float(gap.max()) if gap.numel() else None,
+    })  # fmt: skip
+    return metrics
+
+
+def policy_update(
+    model: CausalLM, optimizer: MasterAdamW, sequences: list[Sequence], config: TrainConfig, lr: float
+) -> dict[str, Any]:
+    """One optimizer step over ``sequences``; a non-finite loss or gradient leaves the weights as they are."""
+    t0 = time.perf_counter()
+    optimizer.zero_grad()
+    metrics = accumulate_gradients(model, sequences, config)
+    finite = metrics.pop("finite")
+    metrics.update(lr=lr, skipped=0, skip_reason=None, grad_norm=None)
+    if not metrics["update/num_sequences"]:
+        metrics.update(skipped=1, skip_reason="no_signal")
+    else:
+        grad_norm = _grad_norm(optimizer.params)
+        metrics["grad_norm"] = grad_norm
+        if not finite or not math.isfinite(grad_norm):
+            metrics.update(skipped=1, skip_reason="nonfinite_loss" if not finite else "nonfinite_grad")
+        else:
+            if config.optim.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(optimizer.params, config.optim.max_grad_norm)
+            optimizer.set_lr(lr)
+            optimizer.step()
+    optimizer.zero_grad()
+    metrics["time/update"] = time.perf_counter() - t0 - metrics["time/logprob"]
+    return metrics
+
+
+def _grad_norm(params: list[torch.nn.Parameter]) -> float:
+    grads = [p.grad.detach().float() for p in params if p.grad is not None]
+    if not grads:
+        return 0.0
+    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
