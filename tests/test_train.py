@@ -10,10 +10,10 @@ import pytest
 import torch
 import transformers
 from helpers import max_err
+from spice_fast.kernels import policy_loss_ref
 from tiny_models import VOCAB, hf_model, ours_from_hf, tiny_checkpoint
 
 import spice_fast
-from spice_fast.kernels import policy_loss_ref
 from spice_fast.spice.parsing import Invalid, Task
 from spice_fast.train import Trainer, make_config, resume_config
 from spice_fast.train import checkpoint as ckpt
@@ -76,7 +76,9 @@ def grads_of(model):
 @pytest.mark.parametrize("agg", ["drgrpo", "token_mean", "seq_mean_token_mean"])
 @pytest.mark.parametrize("budget", [16, 4096])
 def test_packed_fused_update_matches_per_sequence_reference(agg, budget):
-    config = make_config(overrides=[f"loss.agg={agg}", f"loss.micro_batch_tokens={budget}", "rollout.temperature=0.7"])
+    config = make_config(
+        overrides=[f"loss.agg={agg}", f"loss.micro_batch_tokens={budget}", "rollout.temperature=0.7"]
+    )
     seqs = random_sequences(7, zero_every=3)
     model = tiny_model()
     metrics = accumulate_gradients(model, seqs, config)
@@ -249,7 +251,13 @@ def test_two_steps_write_metrics_samples_and_a_loadable_checkpoint(tmp_path, mod
         assert sum(row["reasoner/pass_rate_hist"]) == row["reasoner/num_questions"]
         assert row["update/num_sequences"] > 0 and row["skipped"] == 0 and math.isfinite(row["loss"])
         assert row["logprob_gap/max"] < 1e-3  # sampler and trainer agree in float32
-        for key in ("time/rollout", "time/matching", "time/update", "throughput/gen_tokens_per_s", "grad_norm"):
+        for key in (
+            "time/rollout",
+            "time/matching",
+            "time/update",
+            "throughput/gen_tokens_per_s",
+            "grad_norm",
+        ):
             assert row[key] is not None, key
     assert history[-1]["challenger/valid_rate"] == rows[-1]["challenger/valid_rate"]
     assert any(not torch.equal(start[n], p) for n, p in trainer.model.named_parameters())
@@ -262,7 +270,9 @@ def test_two_steps_write_metrics_samples_and_a_loadable_checkpoint(tmp_path, mod
     with torch.no_grad():
         assert max_err(hf(ids).logits, trainer.model(ids)) < 1e-4
     reloaded, _ = spice_fast.load(last)
-    assert all(torch.equal(a, b) for a, b in zip(reloaded.parameters(), trainer.model.parameters(), strict=True))
+    assert all(
+        torch.equal(a, b) for a, b in zip(reloaded.parameters(), trainer.model.parameters(), strict=True)
+    )
     with pytest.raises(ValueError, match="already holds checkpoints"):
         Trainer(config)
 
@@ -271,7 +281,9 @@ class _Crash(Exception):
     pass
 
 
-def test_crash_inside_a_checkpoint_then_resume_equals_uninterrupted(tmp_path, model_dir, fake_judge, monkeypatch):
+def test_crash_inside_a_checkpoint_then_resume_equals_uninterrupted(
+    tmp_path, model_dir, fake_judge, monkeypatch
+):
     Trainer(run_config(tmp_path, model_dir, "straight", "steps=3", "checkpoint_every=1")).train()
 
     crash_config = run_config(tmp_path, model_dir, "crashed", "steps=3", "checkpoint_every=1")
@@ -298,7 +310,9 @@ def test_crash_inside_a_checkpoint_then_resume_equals_uninterrupted(tmp_path, mo
     assert not (crashed / "checkpoints" / ".step-000002.partial").exists()
     resumed.train()
     straight = tmp_path / "straight"
-    assert [deterministic(r) for r in read_metrics(crashed)] == [deterministic(r) for r in read_metrics(straight)]
+    assert [deterministic(r) for r in read_metrics(crashed)] == [
+        deterministic(r) for r in read_metrics(straight)
+    ]
     a, _ = spice_fast.load(ckpt.latest_checkpoint(straight))
     b, _ = spice_fast.load(ckpt.latest_checkpoint(crashed))
     assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters(), strict=True))

@@ -9,7 +9,11 @@ def test_presets_build_and_differ():
     tiny, paper = make_config("cpu-tiny"), make_config("paper")
     assert isinstance(tiny, TrainConfig) and tiny == TrainConfig()
     assert tiny.model.name == "smollm2-135m" and tiny.corpus.source == "pydoc"
-    assert (paper.spice.num_docs, paper.spice.num_challenger_samples, paper.spice.num_reasoner_samples) == (128, 8, 8)
+    assert (paper.spice.num_docs, paper.spice.num_challenger_samples, paper.spice.num_reasoner_samples) == (
+        128,
+        8,
+        8,
+    )
     assert paper.steps == 640 and paper.optim.lr == 1e-6 and paper.rollout.temperature == 1.0
     assert paper.spice.invalid_reward == -0.1 and paper.loss.clip_low == paper.loss.clip_high == 0.2
     assert sorted(PRESETS) == ["cpu-tiny", "paper"]
