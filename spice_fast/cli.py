@@ -7,6 +7,9 @@ import logging
 import sys
 import time
 
+from spice_fast.evaluate import cmd_eval
+from spice_fast.plot import cmd_plot
+
 DEFAULT_PROMPT = "Explain in two sentences why the sky is blue."
 
 
@@ -36,6 +39,22 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
     g.add_argument("--no-chat-template", action="store_true", help="feed the prompt text as is")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    e = sub.add_parser("eval", help="accuracy on a JSONL question set (spice_fast/evaluate.py)")
+    e.add_argument("--model", default="smollm2-135m", help="directory, .gguf file, hub id or alias")
+    e.add_argument("--data", required=True, help="JSONL: question, answer, optional choices and type")
+    e.add_argument("--out", default=None, help="predictions JSONL (default: <data>.predictions.jsonl)")
+    e.add_argument("--max-tokens", type=_positive_int, default=512, help="new tokens per answer")
+    e.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    e.add_argument("--seed", type=int, default=0, help="sampling seed")
+    e.add_argument("--max-model-len", type=_positive_int, default=4096, help="prompt + completion limit")
+    e.add_argument("--kv-cache-gb", type=float, default=None, help="KV pool size (default: by device)")
+    e.add_argument("--limit", type=_positive_int, default=None, help="evaluate the first N usable records")
+    e.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: by device)")
+    e.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
+    e.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p = sub.add_parser("plot", help="PNG plots of a training run's metrics.jsonl (spice_fast/plot.py)")
+    p.add_argument("run_dir", help="run folder holding metrics.jsonl")
+    p.add_argument("--out", default=None, help="output folder (default: RUN_DIR/plots)")
     return parser
 
 
@@ -89,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     try:
-        return {"generate": cmd_generate}[args.command](args)
+        return {"generate": cmd_generate, "eval": cmd_eval, "plot": cmd_plot}[args.command](args)
     except ValueError as e:  # bad user input (CheckpointError included): one clear line, no traceback
         print(f"spice-fast: error: {e}", file=sys.stderr)
         return 2
