@@ -55,7 +55,39 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plot", help="PNG plots of a training run's metrics.jsonl (spice_fast/plot.py)")
     p.add_argument("run_dir", help="run folder holding metrics.jsonl")
     p.add_argument("--out", default=None, help="output folder (default: RUN_DIR/plots)")
+    t = sub.add_parser("train", help="SPICE self-play training (spice_fast/train/)")
+    t.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. spice.num_docs=8 steps=20")
+    t.add_argument("--preset", default="cpu-tiny", help="cpu-tiny (default) | paper")
+    t.add_argument("--config", default=None, help="YAML file over the preset")
+    t.add_argument(
+        "--resume", default=None, metavar="RUN_DIR", help="continue a run from its last checkpoint"
+    )
+    t.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
     return parser
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    import yaml
+
+    from spice_fast.train import Trainer, make_config, resume_config
+    from spice_fast.train.config import to_dict
+
+    if args.resume and (args.config or args.preset != "cpu-tiny"):
+        raise ValueError("--resume reads the run's own config.yaml; give only key=value overrides with it")
+    if args.resume:
+        config = resume_config(args.resume, args.overrides)
+    else:
+        config = make_config(args.preset, file=args.config, overrides=args.overrides)
+    if args.print_config:
+        print(yaml.safe_dump(to_dict(config), sort_keys=False), end="")
+        return 0
+    logging.getLogger("spice_fast").setLevel(logging.INFO)
+    trainer = Trainer(config, resume=bool(args.resume))
+    start = "resuming at step " + str(trainer.start_step + 1) if args.resume else "starting"
+    print(f"spice-fast train: {start}; run dir {config.run_dir}", file=sys.stderr)
+    trainer.train()
+    print(f"spice-fast train: done; metrics in {config.run_dir}/metrics.jsonl", file=sys.stderr)
+    return 0
 
 
 def _encode(tokenizer, text: str, chat: bool) -> list[int]:
@@ -108,7 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     try:
-        return {"generate": cmd_generate, "eval": cmd_eval, "plot": cmd_plot}[args.command](args)
+        commands = {"generate": cmd_generate, "eval": cmd_eval, "plot": cmd_plot, "train": cmd_train}
+        return commands[args.command](args)
     except ValueError as e:  # bad user input (CheckpointError included): one clear line, no traceback
         print(f"spice-fast: error: {e}", file=sys.stderr)
         return 2

@@ -345,3 +345,22 @@ def test_resume_without_checkpoint_is_a_clear_error(tmp_path, model_dir):
         Trainer(config, resume=True)
     with pytest.raises(ValueError, match="config.yaml"):
         resume_config(tmp_path / "nowhere")
+
+
+def test_cli_train_then_resume_with_more_steps(tmp_path, model_dir, fake_judge, capsys):
+    from spice_fast import cli
+
+    config = run_config(tmp_path, model_dir, "cli")
+    args = [f"{k}={v}" for k, v in (
+        ("model.name", model_dir), ("run_dir", tmp_path / "cli"), ("corpus.source", config.corpus.source),
+        ("corpus.max_doc_tokens", 40), ("rollout.challenger_max_tokens", 12),
+        ("rollout.reasoner_max_tokens", 10), ("rollout.max_model_len", 1024), ("tensorboard", "false"),
+        ("steps", 1),
+    )]  # fmt: skip
+    assert cli.main(["train", *args]) == 0
+    assert cli.main(["train", "--resume", str(tmp_path / "cli"), "steps=2"]) == 0
+    assert "resuming at step 2" in capsys.readouterr().err
+    assert [r["step"] for r in read_metrics(tmp_path / "cli")] == [1, 2]
+    assert cli.main(["train", "--resume", str(tmp_path / "cli"), "--preset", "paper"]) == 2
+    assert cli.main(["train", "steps=-1"]) == 2
+    assert "steps: expected an int >= 1, got -1" in capsys.readouterr().err
