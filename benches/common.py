@@ -157,3 +157,62 @@ def bf16_peak_flops(device: torch.device | str) -> float | None:
         return None
     name = torch.cuda.get_device_name(device)
     return next((flops for key, flops in BF16_PEAK_FLOPS.items() if key in name), None)
+
+
+class PeakMemory:
+    """Peak extra bytes over a ``with`` block, cheap enough to wrap a timed run (no profiler).
+
+    CUDA: the allocator's peak minus what was allocated at the start. CPU (Linux): the process's peak
+    resident set (VmHWM, reset through ``/proc/self/clear_refs``) minus the resident set at the start,
+    after ``malloc_trim`` has handed freed heap back, so memory kept by an earlier block is not reused
+    unseen. ``bytes`` is None where neither is available.
+    """
+
+    def __init__(self, device: torch.device | str = "cpu"):
+        self.device = torch.device(device)
+        self.bytes: int | None = None
+        self._base: int | None = None
+
+    def __enter__(self) -> PeakMemory:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self._base = torch.cuda.memory_allocated()
+            return self
+        _malloc_trim()
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # resets VmHWM to the current VmRSS (Linux >= 4.0)
+            self._base = _proc_status_bytes("VmRSS")
+        except OSError:
+            self._base = None
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._base is None:
+            return
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            self.bytes = torch.cuda.max_memory_allocated() - self._base
+        else:
+            self.bytes = _proc_status_bytes("VmHWM") - self._base
+
+
+def _malloc_trim() -> None:
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if name:
+        try:
+            ctypes.CDLL(name).malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc
+            pass
+
+
+def _proc_status_bytes(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024  # reported in kB
+    raise OSError(f"/proc/self/status has no {key}")
