@@ -11,7 +11,9 @@ PIP := $(PYTHON) -m pip
 TORCH ?= torch==2.13.0
 PROMPT ?= Explain in two sentences why the sky is blue.
 
-.PHONY: install install-test demo test lint bench
+RUN_DIR ?= runs/demo-$(shell date +%Y%m%d-%H%M%S)
+
+.PHONY: install install-test demo generate test lint bench
 
 $(VENV)/bin/python:
 	python3 -m venv $(VENV)
@@ -25,7 +27,11 @@ install: $(if $(VIRTUAL_ENV),,$(VENV)/bin/python)
 install-test: install
 	$(PIP) install -e ".[test]"
 
+# A few SPICE steps (preset cpu-tiny: embedded model and corpus; about 10 minutes on a 2-core CPU).
 demo: install
+	$(PYTHON) -m spice_fast.cli train run_dir=$(RUN_DIR)
+
+generate: install
 	$(PYTHON) -m spice_fast.cli generate --model smollm2-135m --temperature 0 --max-tokens 64 "$(PROMPT)"
 
 test: install-test

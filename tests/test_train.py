@@ -364,3 +364,26 @@ def test_cli_train_then_resume_with_more_steps(tmp_path, model_dir, fake_judge, 
     assert cli.main(["train", "--resume", str(tmp_path / "cli"), "--preset", "paper"]) == 2
     assert cli.main(["train", "steps=-1"]) == 2
     assert "steps: expected an int >= 1, got -1" in capsys.readouterr().err
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    config = make_config(overrides=["loss.micro_batch_tokens=32"])
+    seqs = random_sequences(5, seed=3)
+    plain, recomputed = tiny_model(), tiny_model()
+    recomputed.gradient_checkpointing = True
+    accumulate_gradients(plain, seqs, config)
+    accumulate_gradients(recomputed, seqs, config)
+    for (name, a), b in zip(grads_of(plain).items(), grads_of(recomputed).values(), strict=True):
+        assert max_err(a, b) <= 1e-6 * a.abs().max().item(), name
+
+
+def test_challenger_reply_prefix_is_part_of_the_prompt_and_of_the_parsed_text():
+    from spice_fast.spice import prompts
+
+    assert prompts.render(None, "hi", "<question>").endswith("Assistant: <question>")
+    assert prompts.render(None, "hi") == "User: hi\n\nAssistant:"
+    for answer_type in prompts.ANSWER_TYPES:  # the format example in each prompt parses as its type
+        text = prompts.challenger_prompt("doc", answer_type)
+        example = text.split("on another topic:\n", 1)[1].split("\n\nReply", 1)[0]
+        parsed = rollout_mod.parse_challenger(example, answer_type)
+        assert isinstance(parsed, Task) and parsed.answer_type == answer_type, parsed

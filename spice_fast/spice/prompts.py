@@ -6,7 +6,10 @@
   puts the final answer in ``\\boxed{}``.
 
 ``render`` applies the tokenizer's chat template when the model has one and a plain
-``User: / Assistant:`` template for base models.
+``User: / Assistant:`` template for base models. The challenger prompt shows one short example of the
+format (on an unrelated topic) and the challenger's reply is started with ``CHALLENGER_PREFIX``
+(``<question>``): small models then keep the tagged format far more often. The parser reads the
+prefix plus the completion.
 """
 
 from __future__ import annotations
@@ -32,6 +35,28 @@ _TYPE_INSTRUCTIONS = {
     ),
 }
 
+CHALLENGER_PREFIX = "<question>"  # the start of the challenger's reply, part of its prompt
+
+# One example of the reply format per answer type, on topics no corpus document is about.
+_EXAMPLES = {
+    "mcq": (
+        "<question>A bakery sells rolls in bags of 6. How many bags are needed for 45 rolls?</question>\n"
+        "<options>\nA) 6\nB) 7\nC) 8\nD) 9\n</options>\n<answer>C</answer>"
+    ),
+    "integer": (
+        "<question>A bakery sells rolls in bags of 6. How many bags are needed for 45 rolls?</question>\n"
+        "<answer>8</answer>"
+    ),
+    "expression": (
+        "<question>A square has area a. What is the length of its diagonal, in terms of a?</question>\n"
+        "<answer>\\sqrt{2a}</answer>"
+    ),
+    "string": (
+        "<question>Which gas do green plants take in from the air to make sugar?</question>\n"
+        "<answer>carbon dioxide</answer>"
+    ),
+}
+
 _CHALLENGER_TEMPLATE = """You write exam questions from a document. A student will answer your question \
 WITHOUT seeing the document, so the question must be self-contained: state every fact, definition and \
 number the student needs, and never refer to "the document", "the text" or "the passage". Make the \
@@ -43,6 +68,9 @@ Document:
 <document>
 {document}
 </document>
+
+An example of the format, on another topic:
+{example}
 
 Reply in exactly this format and nothing else:
 <question>the question</question>
@@ -67,7 +95,10 @@ def challenger_prompt(document: str, answer_type: str) -> str:
         raise ValueError(f"answer_type must be one of {ANSWER_TYPES}, got {answer_type!r}")
     options_line = "<options>\nA) ...\nB) ...\nC) ...\nD) ...\n</options>\n" if answer_type == "mcq" else ""
     return _CHALLENGER_TEMPLATE.format(
-        type_instruction=_TYPE_INSTRUCTIONS[answer_type], document=document.strip(), options_line=options_line
+        type_instruction=_TYPE_INSTRUCTIONS[answer_type],
+        document=document.strip(),
+        options_line=options_line,
+        example=_EXAMPLES[answer_type],
     )
 
 
@@ -80,10 +111,12 @@ def reasoner_prompt(question: str, options: list[str] | None = None) -> str:
     return _REASONER_TEMPLATE.format(question=question.strip(), options=listed, answer_hint=hint)
 
 
-def render(tokenizer: Any, user_text: str) -> str:
-    """The prompt text the model sees: its chat template when it has one, else a plain template."""
+def render(tokenizer: Any, user_text: str, response_prefix: str = "") -> str:
+    """The prompt text the model sees: its chat template when it has one, else a plain template;
+    ``response_prefix`` starts the model's reply."""
     if tokenizer is not None and getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(
+        text = tokenizer.apply_chat_template(
             [{"role": "user", "content": user_text}], add_generation_prompt=True, tokenize=False
         )
-    return f"User: {user_text}\n\nAssistant:"
+        return text + response_prefix
+    return f"User: {user_text}\n\nAssistant:" + (" " + response_prefix if response_prefix else "")

@@ -54,6 +54,7 @@ class SpiceSection:
     invalid_reward: float = -0.1  # rho: challenger reward of an invalid task
     reasoner_questions: str = "one"  # "one" valid question per document is trained on, or "all"
     max_question_chars: int = 2000  # longer questions are invalid ("too_long")
+    prefill_question_tag: bool = True  # start the challenger's reply with "<question>" (format kept)
 
     def __post_init__(self) -> None:
         for name in ("num_docs", "num_challenger_samples", "num_reasoner_samples", "max_question_chars"):
@@ -76,8 +77,8 @@ class SpiceSection:
 class RolloutSection:
     temperature: float = 1.0  # sampling temperature of both roles (the loss uses the same one)
     top_p: float = 1.0  # nucleus mass; logprobs stay over the full vocabulary either way
-    challenger_max_tokens: int = 160  # new tokens of a challenger answer
-    reasoner_max_tokens: int = 160  # new tokens of a reasoner answer
+    challenger_max_tokens: int = 128  # new tokens of a challenger answer
+    reasoner_max_tokens: int = 128  # new tokens of a reasoner answer
     max_model_len: int = 2048  # prompt + completion limit of the engine
     max_num_seqs: int = 64  # sequences decoded together
     block_size: int = 16  # KV block size in tokens
@@ -152,7 +153,7 @@ class LossSection:
 @dataclass
 class TrainConfig:
     run_dir: str = "runs/spice"  # metrics, samples, checkpoints and the resolved config go here
-    steps: int = 3  # SPICE iterations (one policy update each)
+    steps: int = 5  # SPICE iterations (one policy update each)
     seed: int = 0  # seeds sampling, answer types and question choice (the corpus has its own)
     checkpoint_every: int = 0  # checkpoint every N steps (0: only at the end)
     keep_checkpoints: int = 2  # most recent checkpoints kept on disk
@@ -185,7 +186,8 @@ class TrainConfig:
 
 
 def _cpu_tiny() -> dict[str, Any]:
-    return {}  # the dataclass defaults are the cpu-tiny preset
+    # the dataclass defaults, with a cooler sampler: a 135M model at T=1 writes almost no valid task
+    return {"rollout": {"temperature": 0.7, "top_p": 0.95}}
 
 
 def _paper() -> dict[str, Any]:
@@ -197,8 +199,8 @@ def _paper() -> dict[str, Any]:
         "corpus": {"max_doc_tokens": 6000},
         "spice": {"num_docs": 128, "num_challenger_samples": 8, "num_reasoner_samples": 8},
         "rollout": {
-            "challenger_max_tokens": 1024, "reasoner_max_tokens": 4096, "max_model_len": 12288,
-            "max_num_seqs": 512,
+            "temperature": 1.0, "top_p": 1.0, "challenger_max_tokens": 1024, "reasoner_max_tokens": 4096,
+            "max_model_len": 12288, "max_num_seqs": 512,
         },
         "optim": {"lr": 1e-6},
         "loss": {"micro_batch_tokens": 32768},

@@ -58,9 +58,9 @@ def derive_seed(*parts: Any) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
-def encode_prompt(tokenizer: Any, user_text: str) -> list[int]:
+def encode_prompt(tokenizer: Any, user_text: str, response_prefix: str = "") -> list[int]:
     """Token ids of a role prompt: ``render`` adds the chat template, which holds its own special tokens."""
-    text = prompts.render(tokenizer, user_text)
+    text = prompts.render(tokenizer, user_text, response_prefix)
     templated = bool(getattr(tokenizer, "chat_template", None))
     return list(tokenizer.encode(text, add_special_tokens=not templated))
 
@@ -77,6 +77,7 @@ def spice_rollout(
     rng = random.Random(derive_seed("spice.rollout", config.seed, step))
     timings = Counter()
     max_prompt = r.max_model_len - 1
+    prefix = prompts.CHALLENGER_PREFIX if s.prefill_question_tag else ""
 
     # ---- 1. challenger: B documents x G samples, one request per (document, answer type) ----
     requests, request_meta = [], []  # meta: (document index, answer type, sample indices)
@@ -84,7 +85,8 @@ def spice_rollout(
     for d, doc in enumerate(documents):
         types = [prompts.draw_answer_type(rng, s.answer_type_mix) for _ in range(s.num_challenger_samples)]
         encoded = {
-            t: encode_prompt(tokenizer, prompts.challenger_prompt(doc.text, t)) for t in sorted(set(types))
+            t: encode_prompt(tokenizer, prompts.challenger_prompt(doc.text, t), prefix)
+            for t in sorted(set(types))
         }
         if max(len(ids) for ids in encoded.values()) > max_prompt:
             num_skipped_docs += 1  # dropped whole, so that its challenger group stays complete
@@ -109,6 +111,7 @@ def spice_rollout(
         for slot, completion in zip(slots, out.outputs, strict=True):
             challenger[(d, slot)] = {
                 "prompt_ids": out.prompt_token_ids, "completion": completion, "answer_type": answer_type,
+                "prefix": prefix,
             }  # fmt: skip
     keys = sorted(challenger)
 
@@ -263,7 +266,7 @@ def _samples(documents, challenger, keys, max_samples: int = 4) -> list[dict[str
         task = c["task"]
         item: dict[str, Any] = {
             "document": documents[k[0]].source, "answer_type": c["answer_type"],
-            "challenger_output": c["completion"].text, "challenger_reward": c["reward"],
+            "challenger_output": c["prefix"] + c["completion"].text, "challenger_reward": c["reward"],
         }  # fmt: skip
         if isinstance(task, Task):
             item["task"] = {"question": task.question, "options": task.options, "answer": task.answer}
