@@ -2,8 +2,10 @@
 
 Both sides start from the same weights (the embedded default model and a transformers copy of it),
 read the same B corpus documents (pydoc, at most ``--max-doc-tokens`` tokens each, counted by the
-tokenizer) with the same challenger prompts (answer types drawn per sample as ``spice_rollout`` does)
-and do one iteration of ../shared/SPICE.md: B x G challenger samples, K reasoner samples per question,
+tokenizer) with the same challenger prompts (answer types drawn per sample as ``spice_rollout`` does,
+the reply started with ``prompts.CHALLENGER_PREFIX`` when ``spice.prefill_question_tag``; the parser
+reads prefix + completion) and the sampler settings of the ``cpu-tiny`` preset (temperature, top-p),
+and both do one iteration of ../shared/SPICE.md: B x G challenger samples, K reasoner samples per question,
 matching, rewards, advantages, one Dr. GRPO policy update with AdamW.
 
 - spice_fast: ``Engine`` over the model's own weights (paged KV, a request's prompt prefilled once
@@ -104,12 +106,20 @@ def challenger_work(tokenizer, documents, config, step) -> list[tuple[int, str, 
     for d, doc in enumerate(documents):
         types = [prompts.draw_answer_type(rng, s.answer_type_mix) for _ in range(s.num_challenger_samples)]
         for t in types:
-            work.append((d, t, encode_prompt(tokenizer, prompts.challenger_prompt(doc.text, t))))
+            text = prompts.challenger_prompt(doc.text, t)
+            work.append((d, t, encode_prompt(tokenizer, text, challenger_prefix(config))))
     return work
 
 
+def challenger_prefix(config) -> str:
+    """The start of the challenger's reply that the trainer puts in the prompt (read back by the parser)."""
+    return prompts.CHALLENGER_PREFIX if config.spice.prefill_question_tag else ""
+
+
 def task_or_fallback(text: str, answer_type: str, index: int, config) -> tuple[Task, bool]:
-    parsed = parse_challenger(text, answer_type, max_question_chars=config.spice.max_question_chars)
+    parsed = parse_challenger(
+        challenger_prefix(config) + text, answer_type, max_question_chars=config.spice.max_question_chars
+    )
     if isinstance(parsed, Task):
         return parsed, True
     question, answer = FALLBACK_QUESTIONS[index % len(FALLBACK_QUESTIONS)]
