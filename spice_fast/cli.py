@@ -71,6 +71,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     from spice_fast.train import Trainer, make_config, resume_config
     from spice_fast.train.config import to_dict
+    from spice_fast.train.distributed import init_distributed, shutdown
 
     if args.resume and (args.config or args.preset != "cpu-tiny"):
         raise ValueError("--resume reads the run's own config.yaml; give only key=value overrides with it")
@@ -81,12 +82,19 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.print_config:
         print(yaml.safe_dump(to_dict(config), sort_keys=False), end="")
         return 0
-    logging.getLogger("spice_fast").setLevel(logging.INFO)
-    trainer = Trainer(config, resume=bool(args.resume))
-    start = "resuming at step " + str(trainer.start_step + 1) if args.resume else "starting"
-    print(f"spice-fast train: {start}; run dir {config.run_dir}", file=sys.stderr)
-    trainer.train()
-    print(f"spice-fast train: done; metrics in {config.run_dir}/metrics.jsonl", file=sys.stderr)
+    ctx = init_distributed()  # a process group when launched by torchrun, else one process
+    logging.getLogger("spice_fast").setLevel(logging.INFO if ctx.is_main else logging.WARNING)
+    try:
+        trainer = Trainer(config, resume=bool(args.resume), ctx=ctx)
+        start = "resuming at step " + str(trainer.start_step + 1) if args.resume else "starting"
+        ranks = f" on {ctx.world_size} ranks" if ctx.enabled else ""
+        if ctx.is_main:
+            print(f"spice-fast train: {start}{ranks}; run dir {config.run_dir}", file=sys.stderr)
+        trainer.train()
+    finally:
+        shutdown(ctx)
+    if ctx.is_main:
+        print(f"spice-fast train: done; metrics in {config.run_dir}/metrics.jsonl", file=sys.stderr)
     return 0
 
 

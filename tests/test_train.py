@@ -6,6 +6,7 @@ import json
 import math
 import random
 
+import fake_judge as fake_judge_module
 import pytest
 import torch
 import transformers
@@ -14,7 +15,7 @@ from spice_fast.kernels import policy_loss_ref
 from tiny_models import VOCAB, hf_model, ours_from_hf, tiny_checkpoint
 
 import spice_fast
-from spice_fast.spice.parsing import Invalid, Task
+from spice_fast.spice.parsing import Task
 from spice_fast.train import Trainer, make_config, resume_config
 from spice_fast.train import checkpoint as ckpt
 from spice_fast.train import rollout as rollout_mod
@@ -192,21 +193,9 @@ def test_master_weights_update_bf16_parameters_in_place():
 # ---- end to end ----
 
 
-def fake_parse(text, answer_type, *, max_question_chars=2000):
-    """A random model never writes a valid task: call about half of them valid, by the text's bytes."""
-    if sum(text.encode()) % 2:
-        return Invalid("unparseable", "fake")
-    return Task(question=f"What is {len(text)} mod 7?", answer=str(len(text) % 7), answer_type="integer")
-
-
-def fake_rewards(responses, golds, answer_types):
-    return [float(sum(r.encode()) % 3 == 0) for r in responses]
-
-
 @pytest.fixture
 def fake_judge(monkeypatch):
-    monkeypatch.setattr(rollout_mod, "parse_challenger", fake_parse)
-    monkeypatch.setattr(rollout_mod, "reasoner_rewards", fake_rewards)
+    fake_judge_module.install(monkeypatch)
 
 
 @pytest.fixture(scope="module")
@@ -226,7 +215,7 @@ def run_config(tmp_path, model_dir, run_name, *extra):
     return make_config(overrides=[
         f"model.name={model_dir}", f"run_dir={tmp_path / run_name}", f"corpus.source={corpus_dir(tmp_path)}",
         "corpus.max_doc_tokens=40", "rollout.challenger_max_tokens=12", "rollout.reasoner_max_tokens=10",
-        "rollout.max_model_len=1024", "optim.lr=1e-3", "progress=false", "tensorboard=false", *extra,
+        "rollout.max_model_len=2048", "optim.lr=1e-3", "progress=false", "tensorboard=false", *extra,
     ])  # fmt: skip
 
 
@@ -354,7 +343,7 @@ def test_cli_train_then_resume_with_more_steps(tmp_path, model_dir, fake_judge, 
     args = [f"{k}={v}" for k, v in (
         ("model.name", model_dir), ("run_dir", tmp_path / "cli"), ("corpus.source", config.corpus.source),
         ("corpus.max_doc_tokens", 40), ("rollout.challenger_max_tokens", 12),
-        ("rollout.reasoner_max_tokens", 10), ("rollout.max_model_len", 1024), ("tensorboard", "false"),
+        ("rollout.reasoner_max_tokens", 10), ("rollout.max_model_len", 2048), ("tensorboard", "false"),
         ("steps", 1),
     )]  # fmt: skip
     assert cli.main(["train", *args]) == 0
@@ -387,3 +376,61 @@ def test_challenger_reply_prefix_is_part_of_the_prompt_and_of_the_parsed_text():
         example = text.split("on another topic:\n", 1)[1].split("\n\nReply", 1)[0]
         parsed = rollout_mod.parse_challenger(example, answer_type)
         assert isinstance(parsed, Task) and parsed.answer_type == answer_type, parsed
+
+
+class ScriptedEngine:
+    """Stands in for the Engine: canned challenger replies (the text after the "<question>" prefix),
+    then reasoner answers that box the gold answer for every second sample."""
+
+    def __init__(self, tokenizer, replies):
+        self.tokenizer, self.replies, self.calls = tokenizer, replies, []
+        self.stats = type("Stats", (), {"num_generated_tokens": 0})()
+
+    def generate(self, prompts, params):
+        from spice_fast.engine import Completion, RequestOutput
+
+        self.calls.append([self.tokenizer.decode(p) for p in prompts])
+        outs = []
+        for i, (prompt, sp) in enumerate(zip(prompts, params, strict=True)):
+            text = self.tokenizer.decode(prompt)
+            completions = []
+            for j in range(sp.n):
+                if len(self.calls) == 1:
+                    reply = self.replies[text.split("<question>")[0].count("multiple-choice")][j % 2]
+                else:
+                    reply = "so \\boxed{7}" if j % 2 == 0 else "I do not know"
+                ids = self.tokenizer.encode(reply, add_special_tokens=False)
+                completions.append(Completion(j, ids, reply, [-1.0] * len(ids), "stop"))
+            outs.append(RequestOutput(i, None, list(prompt), completions))
+        return outs
+
+
+def test_rollout_parses_the_prefixed_reply_and_scores_with_the_matcher():
+    from tiny_models import byte_tokenizer
+
+    tok = byte_tokenizer()
+    replies = {  # [non-mcq, mcq] x [valid, invalid]: what follows the "<question>" the prompt ends with
+        0: ["What is 3 + 4?</question>\n<answer>7</answer>", "no answer tag</question>"],
+        1: [
+            "Pick seven.</question>\n<options>\nA) 5\nB) 6\nC) 7\nD) 8\n</options>\n<answer>C</answer>",
+            "Pick.</question>\n<options>\nA) 5\nB) 6\n</options>\n<answer>A</answer>",
+        ],
+    }
+    config = make_config(overrides=["spice.num_docs=2", "spice.num_challenger_samples=4"])
+    from spice_fast.spice.corpus import Document
+
+    docs = [Document("Seven is a number.", "a", 0), Document("Sheep graze.", "b", 0)]
+    engine = ScriptedEngine(tok, replies)
+    result = rollout_mod.spice_rollout(engine, tok, docs, config, step=1)
+    m = result.metrics
+    assert all(p.endswith("<question>") for p in engine.calls[0])
+    assert m["challenger/num_samples"] == 8 and m["challenger/num_valid"] >= 2
+    assert (
+        m["challenger/invalid/unparseable"] + m["challenger/invalid/bad_options"]
+        == 8 - m["challenger/num_valid"]
+    )
+    # MCQ answers "\boxed{7}" are wrong (gold C), integer answers 7 right for every second sample
+    assert m["reasoner/num_questions"] == m["challenger/num_valid"]
+    assert 0 < m["reasoner/accuracy"] <= 0.5
+    challenger = [s for s in result.sequences if s.role == "challenger"]
+    assert len(challenger) == 8 and abs(sum(s.advantage for s in challenger)) < 1e-6

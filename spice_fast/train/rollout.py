@@ -71,10 +71,19 @@ def _sampling(config: TrainConfig, n: int, max_tokens: int, seed: int) -> Sampli
 
 
 def spice_rollout(
-    engine: Engine, tokenizer: Any, documents: list[Document], config: TrainConfig, step: int
+    engine: Engine,
+    tokenizer: Any,
+    documents: list[Document],
+    config: TrainConfig,
+    step: int,
+    doc_ids: list[int] | None = None,
 ) -> RolloutResult:
+    """``doc_ids``: each document's index in the step's global batch (default 0..len-1). Every draw is
+    keyed on (seed, step, doc id), so a document gets the same samples whichever rank runs it."""
     s, r = config.spice, config.rollout
-    rng = random.Random(derive_seed("spice.rollout", config.seed, step))
+    doc_ids = list(range(len(documents))) if doc_ids is None else list(doc_ids)
+    if len(doc_ids) != len(documents):
+        raise ValueError(f"doc_ids: expected {len(documents)} ids, got {len(doc_ids)}")
     timings = Counter()
     max_prompt = r.max_model_len - 1
     prefix = prompts.CHALLENGER_PREFIX if s.prefill_question_tag else ""
@@ -83,6 +92,7 @@ def spice_rollout(
     requests, request_meta = [], []  # meta: (document index, answer type, sample indices)
     num_skipped_docs = 0
     for d, doc in enumerate(documents):
+        rng = random.Random(derive_seed("answer_types", config.seed, step, doc_ids[d]))
         types = [prompts.draw_answer_type(rng, s.answer_type_mix) for _ in range(s.num_challenger_samples)]
         encoded = {
             t: encode_prompt(tokenizer, prompts.challenger_prompt(doc.text, t), prefix)
@@ -96,7 +106,10 @@ def spice_rollout(
             request_meta.append((d, answer_type, [g for g, t in enumerate(types) if t == answer_type]))
     params = [
         _sampling(
-            config, len(slots), r.challenger_max_tokens, derive_seed("challenger", config.seed, step, d, t)
+            config,
+            len(slots),
+            r.challenger_max_tokens,
+            derive_seed("challenger", config.seed, step, doc_ids[d], t),
         )
         for d, t, slots in request_meta
     ]
@@ -119,9 +132,8 @@ def spice_rollout(
     invalid = Counter()
     for key in keys:
         c = challenger[key]
-        parsed = parse_challenger(
-            c["completion"].text, c["answer_type"], max_question_chars=s.max_question_chars
-        )
+        text = c["prefix"] + c["completion"].text  # the reply began in the prompt
+        parsed = parse_challenger(text, c["answer_type"], max_question_chars=s.max_question_chars)
         if isinstance(parsed, Task):
             ids = encode_prompt(
                 tokenizer, prompts.reasoner_prompt(parsed.question, list(parsed.options or []))
@@ -145,7 +157,7 @@ def spice_rollout(
                     config,
                     s.num_reasoner_samples,
                     r.reasoner_max_tokens,
-                    derive_seed("reasoner", config.seed, step, *k),
+                    derive_seed("reasoner", config.seed, step, doc_ids[k[0]], k[1]),
                 )
                 for k in valid_keys
             ],
@@ -181,7 +193,8 @@ def spice_rollout(
         if isinstance(challenger[k]["task"], Invalid):
             challenger[k]["reward"] = s.invalid_reward
 
-    trained_questions = _trained_questions(valid_keys, s.reasoner_questions, rng)
+    choice_seeds = [derive_seed("question_choice", config.seed, step, i) for i in doc_ids]
+    trained_questions = _trained_questions(valid_keys, s.reasoner_questions, choice_seeds)
     group_of = {k: q for q, k in enumerate(valid_keys)}
     reasoner_rows, reasoner_groups = [], []
     for k in trained_questions:
@@ -220,14 +233,14 @@ def spice_rollout(
 
 
 def _trained_questions(
-    valid_keys: list[tuple[int, int]], mode: str, rng: random.Random
+    valid_keys: list[tuple[int, int]], mode: str, seeds: list[int]
 ) -> list[tuple[int, int]]:
     if mode == "all":
         return list(valid_keys)
     by_doc: dict[int, list[tuple[int, int]]] = {}
     for k in valid_keys:
         by_doc.setdefault(k[0], []).append(k)
-    return [rng.choice(by_doc[d]) for d in sorted(by_doc)]
+    return [random.Random(seeds[d]).choice(by_doc[d]) for d in sorted(by_doc)]
 
 
 def _mean(values: list[float]) -> float | None:

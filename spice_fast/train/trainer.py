@@ -26,6 +26,7 @@ from spice_fast.engine import Engine
 from spice_fast.spice.corpus import Corpus
 from spice_fast.train import checkpoint as ckpt
 from spice_fast.train.config import TrainConfig, from_dict, to_dict
+from spice_fast.train.distributed import DistContext, barrier, gather_metrics, init_distributed, merge_metrics
 from spice_fast.train.metrics import RunLogger, console_line
 from spice_fast.train.rollout import spice_rollout
 from spice_fast.train.update import learning_rate, make_optimizer, policy_update
@@ -49,19 +50,27 @@ def read_run_config(run_dir: str | Path) -> dict[str, Any]:
 
 
 class Trainer:
-    def __init__(self, config: TrainConfig, *, resume: bool = False):
+    def __init__(self, config: TrainConfig, *, resume: bool = False, ctx: DistContext | None = None):
         if not isinstance(config, TrainConfig):
             raise TypeError(f"config: expected a TrainConfig, got {type(config).__name__}")
+        self.ctx = ctx if ctx is not None else init_distributed()
+        if config.spice.num_docs < self.ctx.world_size:
+            raise ValueError(
+                f"spice.num_docs: {config.spice.num_docs} documents cannot be shared by "
+                f"{self.ctx.world_size} ranks; use at least one per rank"
+            )
         self.config = config
         self.run_dir = Path(config.run_dir)
         self.start_step = 0
         state = None
         if resume:
-            removed = ckpt.remove_partials(self.run_dir)
-            if removed:
-                logger.warning(
-                    "removed unfinished checkpoint files of a crashed save: %s", ", ".join(removed)
-                )
+            if self.ctx.is_main:
+                removed = ckpt.remove_partials(self.run_dir)
+                if removed:
+                    logger.warning(
+                        "removed unfinished checkpoint files of a crashed save: %s", ", ".join(removed)
+                    )
+            barrier(self.ctx)
             last = ckpt.latest_checkpoint(self.run_dir)
             if last is None:
                 raise ValueError(f"resume: {str(self.run_dir)!r} has no complete checkpoint")
@@ -90,9 +99,10 @@ class Trainer:
         self.optimizer = make_optimizer(self.model, config)
         if state is not None:
             self._restore(state)
-        self.log = RunLogger(self.run_dir, tensorboard=config.tensorboard)
-        self.log.truncate_after(self.start_step)
-        self._write_config()
+        self.log = RunLogger(self.run_dir, tensorboard=config.tensorboard) if self.ctx.is_main else None
+        if self.log is not None:
+            self.log.truncate_after(self.start_step)
+            self._write_config()
 
     # ---- state ----
 
@@ -130,14 +140,13 @@ class Trainer:
         tmp.replace(path)
 
     def save(self, step: int) -> Path:
-        return ckpt.save_checkpoint(
-            self.run_dir,
-            step,
-            self.model,
-            self.tokenizer,
-            self.state_dict(step),
-            keep=self.config.keep_checkpoints,
-        )
+        """Rank 0 writes; the others wait until the checkpoint is complete."""
+        path = ckpt.checkpoint_root(self.run_dir) / f"step-{step:06d}"
+        if self.ctx.is_main:
+            state, keep = self.state_dict(step), self.config.keep_checkpoints
+            path = ckpt.save_checkpoint(self.run_dir, step, self.model, self.tokenizer, state, keep=keep)
+        barrier(self.ctx)
+        return path
 
     # ---- loop ----
 
@@ -145,17 +154,22 @@ class Trainer:
         """One SPICE iteration; returns its metrics (already logged)."""
         c = self.config
         t0 = time.perf_counter()
-        documents = self.corpus.next_batch(c.spice.num_docs)
-        rollout = spice_rollout(self.engine, self.tokenizer, documents, c, step)
-        update = policy_update(self.model, self.optimizer, rollout.sequences, c, learning_rate(c, step))
+        documents = self.corpus.next_batch(c.spice.num_docs)  # the global batch, the same on every rank
+        mine = list(range(self.ctx.rank, len(documents), self.ctx.world_size))
+        rollout = spice_rollout(self.engine, self.tokenizer, [documents[i] for i in mine], c, step, mine)
+        update = policy_update(
+            self.model, self.optimizer, rollout.sequences, c, learning_rate(c, step), self.ctx
+        )
         metrics = {**rollout.metrics, **update}
         metrics.update({
             "corpus/epoch": self.corpus.epoch, "corpus/position": self.corpus.position,
             "time/step": time.perf_counter() - t0,
         })  # fmt: skip
-        self.log.log(step, metrics)
-        if c.sample_every and step % c.sample_every == 0:
-            self.log.log_samples(step, rollout.samples)
+        metrics = merge_metrics(gather_metrics(metrics, self.ctx), c.spice.num_reasoner_samples)
+        if self.log is not None:
+            self.log.log(step, metrics)
+            if c.sample_every and step % c.sample_every == 0:
+                self.log.log_samples(step, rollout.samples)
         if update["skipped"] and update["skip_reason"] != "no_signal":
             logger.warning(
                 "step %d: update skipped (%s); the weights are unchanged", step, update["skip_reason"]
@@ -167,7 +181,8 @@ class Trainer:
         history = []
         saved = self.start_step
         bar = tqdm(
-            total=c.steps, initial=self.start_step, desc="spice", unit="step", disable=not c.progress,
+            total=c.steps, initial=self.start_step, desc="spice", unit="step",
+            disable=not (c.progress and self.ctx.is_main),
             dynamic_ncols=True,
         )  # fmt: skip
         done = self.start_step  # last step whose update is applied
@@ -177,19 +192,20 @@ class Trainer:
                 done = step
                 history.append(metrics)
                 bar.update(1)
-                if c.progress:
+                if c.progress and self.ctx.is_main:
                     bar.write(console_line(step, c.steps, metrics))
                 if (c.checkpoint_every and step % c.checkpoint_every == 0) or step == c.steps:
                     self.save(step)
                     saved = step
         except KeyboardInterrupt:
-            if done > saved:
+            if done > saved and not self.ctx.enabled:  # other ranks may be gone: no collective save
                 logger.warning("interrupted: writing a checkpoint of step %d", done)
                 self.save(done)
             raise
         finally:
             bar.close()
-            self.log.close()
+            if self.log is not None:
+                self.log.close()
         return history
 
 

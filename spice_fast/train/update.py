@@ -34,6 +34,7 @@ import torch
 from spice_fast.kernels import fused_grpo_loss, fused_linear_logprob
 from spice_fast.model import AttentionBatch, CausalLM
 from spice_fast.train.config import TrainConfig
+from spice_fast.train.distributed import SINGLE, DistContext, all_reduce_grads, all_reduce_sum, all_true
 from spice_fast.train.rollout import Sequence
 
 
@@ -155,22 +156,31 @@ def _micro_batch(seqs: list[Sequence], agg: str, device: torch.device) -> _Micro
     )  # fmt: skip
 
 
-def _denominator(sequences: list[Sequence], config: TrainConfig) -> int:
+def _denominator(sequences: list[Sequence], config: TrainConfig, ctx: DistContext = SINGLE) -> int:
+    """The aggregation constant over the sequences of all ranks."""
+    num_seqs, num_tokens = all_reduce_sum(
+        [len(sequences), sum(len(s.completion_ids) for s in sequences)], ctx
+    )
     agg = config.loss.agg
     if agg == "drgrpo":
-        return len(sequences) * config.loss_max_new_tokens
+        return int(num_seqs) * config.loss_max_new_tokens
     if agg == "token_mean":
-        return max(1, sum(len(s.completion_ids) for s in sequences))
-    return len(sequences)
+        return max(1, int(num_tokens))
+    return max(1, int(num_seqs))
 
 
-def accumulate_gradients(model: CausalLM, sequences: list[Sequence], config: TrainConfig) -> dict[str, Any]:
+def accumulate_gradients(
+    model: CausalLM, sequences: list[Sequence], config: TrainConfig, denominator: int | None = None
+) -> dict[str, Any]:
     """Backward of the step's loss into the parameters' ``.grad`` (added); returns metrics.
 
-    ``metrics["finite"]`` is False when a micro-batch loss was not finite (the pass stops there).
+    ``denominator``: the aggregation constant D (default: from ``sequences``; the distributed trainer
+    passes the global one). ``metrics["finite"]`` is False when a micro-batch loss was not finite (the
+    pass stops there).
     """
     loss_cfg = config.loss
-    denominator = _denominator(sequences, config)
+    if denominator is None:
+        denominator = _denominator(sequences, config)
     trained = [
         s for s in sequences if s.completion_ids and (s.advantage != 0 or not loss_cfg.skip_zero_advantage)
     ]
@@ -241,17 +251,28 @@ def accumulate_gradients(model: CausalLM, sequences: list[Sequence], config: Tra
 
 
 def policy_update(
-    model: CausalLM, optimizer: MasterAdamW, sequences: list[Sequence], config: TrainConfig, lr: float
+    model: CausalLM,
+    optimizer: MasterAdamW,
+    sequences: list[Sequence],
+    config: TrainConfig,
+    lr: float,
+    ctx: DistContext = SINGLE,
 ) -> dict[str, Any]:
-    """One optimizer step over ``sequences``; a non-finite loss or gradient leaves the weights as they are."""
+    """One optimizer step over ``sequences``; a non-finite loss or gradient leaves the weights as they are.
+
+    Under torchrun (``ctx``) the sequences are this rank's; the loss constant and the gradients are
+    global, and every rank takes the same decision to step or skip.
+    """
     t0 = time.perf_counter()
     optimizer.zero_grad()
-    metrics = accumulate_gradients(model, sequences, config)
-    finite = metrics.pop("finite")
+    metrics = accumulate_gradients(model, sequences, config, _denominator(sequences, config, ctx))
+    finite = all_true(metrics.pop("finite"), ctx)
     metrics.update(lr=lr, skipped=0, skip_reason=None, grad_norm=None)
-    if not metrics["update/num_sequences"]:
+    (num_trained,) = all_reduce_sum([metrics["update/num_sequences"]], ctx)
+    if not num_trained:
         metrics.update(skipped=1, skip_reason="no_signal")
     else:
+        all_reduce_grads(optimizer.params, ctx)
         grad_norm = _grad_norm(optimizer.params)
         metrics["grad_norm"] = grad_norm
         if not finite or not math.isfinite(grad_norm):
