@@ -434,3 +434,44 @@ def test_rollout_parses_the_prefixed_reply_and_scores_with_the_matcher():
     assert 0 < m["reasoner/accuracy"] <= 0.5
     challenger = [s for s in result.sequences if s.role == "challenger"]
     assert len(challenger) == 8 and abs(sum(s.advantage for s in challenger)) < 1e-6
+
+
+def shared_prefix_sequences(seed: int = 4) -> list[Sequence]:
+    """Groups of sequences whose prompts share prefixes: identical prompts, prompts that diverge after a
+    common document, one-token completions, a lone member, and no group at all."""
+    rng = random.Random(seed)
+    tok = lambda n: [rng.randrange(VOCAB) for _ in range(n)]  # noqa: E731
+    doc, question = tok(20), tok(6)
+    seqs = []
+    for i in range(5):  # one document, two "answer types": prompts diverge after the document
+        suffix = tok(3) if i % 2 else [7, 8, 9]
+        seqs.append(
+            Sequence("challenger", doc + suffix, tok(rng.randint(1, 6)), [-7.0] * 0, rng.uniform(-1, 1), "d")
+        )
+    for _ in range(3):  # identical prompts (reasoner samples of one question)
+        seqs.append(Sequence("reasoner", list(question), tok(rng.randint(1, 5)), [], rng.uniform(-1, 1), "q"))
+    seqs.append(Sequence("reasoner", tok(5), tok(4), [], 0.5, "lone"))
+    seqs.append(Sequence("reasoner", tok(4), tok(3), [], -0.5, None))
+    for s in seqs:
+        s.sampler_logprobs = [-rng.uniform(5.0, 9.0) for _ in s.completion_ids]
+    return seqs
+
+
+@pytest.mark.parametrize("budget", [16, 40, 4096])
+def test_shared_prefix_packing_gives_the_reference_gradients(budget):
+    seqs = shared_prefix_sequences()
+    config = make_config(overrides=[f"loss.micro_batch_tokens={budget}"])
+    shared, separate = tiny_model().double(), tiny_model().double()
+    m_shared = accumulate_gradients(shared, seqs, config)
+    m_separate = accumulate_gradients(separate, seqs, make_config(overrides=[
+        f"loss.micro_batch_tokens={budget}", "loss.share_prefixes=false"
+    ]))  # fmt: skip
+    assert m_shared["update/num_forward_tokens"] < m_separate["update/num_forward_tokens"]
+    reference = tiny_model().double()
+    loss, _ = reference_loss(reference, seqs, config)
+    loss.backward()
+    truth = grads_of(reference)
+    for name, g in truth.items():
+        assert max_err(grads_of(shared)[name], g) <= 1e-5 * g.abs().max().item(), name
+        assert max_err(grads_of(separate)[name], g) <= 1e-5 * g.abs().max().item(), name
+    assert m_shared["loss"] == pytest.approx(float(loss.detach()), rel=1e-6)

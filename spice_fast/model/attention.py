@@ -4,6 +4,11 @@
   concatenated into one ``[N, H]`` batch described by ``cu_seqlens``; attention is causal within each
   sequence. Backends: flash-attn's varlen kernel on a GPU when installed (fp16/bf16), else PyTorch
   SDPA (one batched call when all sequences have the same length, one call per sequence otherwise).
+  ``AttentionBatch.shared_prefix`` packs a group of sequences that start with the same tokens as one
+  segment: the prefix once, then each sequence's remainder (a branch) that attends to the prefix and
+  causally to itself, never to the other branches. A training pass then runs a document shared by G
+  challenger samples once instead of G times; each segment with branches is one SDPA call with a
+  boolean mask.
 * Paged decode mode (sampler): one new token per sequence attends over its KV blocks in a
   ``PagedKVCache``: flash-attn's ``flash_attn_with_kvcache`` on a GPU when installed and the block
   size is a multiple of 256 (its paging granularity), else the Triton kernel of
@@ -70,6 +75,7 @@ class AttentionBatch:
     slot_mapping: torch.Tensor | None = None  # [N] int64 KV-pool slot of each token, to write K/V
     block_tables: torch.Tensor | None = None  # [B, max_blocks] int32 (decode mode)
     context_lens: torch.Tensor | None = None  # [B] int32 tokens attended, new one included (decode)
+    segment_masks: list[torch.Tensor | None] | None = None  # per segment: [S, S] bool mask, None = causal
 
     @property
     def is_decode(self) -> bool:
@@ -93,6 +99,34 @@ class AttentionBatch:
             uniform_len=uniform,
             slot_mapping=slot_mapping,
         )
+
+    @classmethod
+    def shared_prefix(cls, groups: list[tuple[int, list[int]]], device: torch.device | str) -> AttentionBatch:
+        """Segments of ``(prefix_len, [branch_len, ...])``: the prefix at positions 0..p-1, every branch
+        at positions p.. (as if it followed the prefix alone). A branch may be empty."""
+        if not groups:
+            raise ValueError("groups must be non-empty")
+        positions, lens, masks = [], [], []
+        for prefix_len, branch_lens in groups:
+            if prefix_len < 0 or any(n < 0 for n in branch_lens) or prefix_len + sum(branch_lens) == 0:
+                raise ValueError(f"bad segment: prefix {prefix_len}, branches {branch_lens}")
+            positions.append(torch.arange(prefix_len))
+            positions += [torch.arange(prefix_len, prefix_len + n) for n in branch_lens]
+            lens.append(prefix_len + sum(branch_lens))
+            if sum(1 for n in branch_lens if n) <= 1:
+                masks.append(None)  # prefix + one branch is one causal sequence
+                continue
+            branch = torch.cat(
+                [torch.full((prefix_len,), -1)] + [torch.full((n,), b) for b, n in enumerate(branch_lens)]
+            )
+            idx = torch.arange(lens[-1])
+            visible = (branch[None, :] == -1) | (branch[None, :] == branch[:, None])  # [S, S]
+            masks.append((visible & (idx[None, :] <= idx[:, None])).to(device))
+        batch = cls.packed(lens, device)
+        batch.positions = torch.cat(positions).to(device)
+        batch.uniform_len = 0
+        batch.segment_masks = masks if any(m is not None for m in masks) else None
+        return batch
 
     @classmethod
     def decode(
@@ -154,6 +188,8 @@ def packed_causal_attention(
     batch: AttentionBatch,
     scale: float,
 ) -> torch.Tensor:  # [N, num_heads, D]
+    if batch.segment_masks is not None:
+        return _segment_attention(q, k, v, batch, scale)
     flash = _flash_fn("flash_attn_varlen_func") if _backend == "auto" and q.is_cuda else None
     if flash is not None and q.dtype in (torch.float16, torch.bfloat16):
         return flash(
@@ -169,6 +205,23 @@ def packed_causal_attention(
         _sdpa_causal(q[None, s:e], k[None, s:e], v[None, s:e], scale)[0]
         for s, e in zip(bounds[:-1], bounds[1:], strict=True)
     ]
+    return torch.cat(outs, dim=0)
+
+
+def _segment_attention(q, k, v, batch: AttentionBatch, scale: float) -> torch.Tensor:
+    """Shared-prefix segments: one masked SDPA call per segment (causal SDPA when it has no branches)."""
+    bounds = batch.cu_seqlens.tolist()
+    outs = []
+    for (s, e), mask in zip(zip(bounds[:-1], bounds[1:], strict=True), batch.segment_masks, strict=True):
+        qs, ks, vs = q[None, s:e], k[None, s:e], v[None, s:e]
+        if mask is None:
+            outs.append(_sdpa_causal(qs, ks, vs, scale)[0])
+            continue
+        out = F.scaled_dot_product_attention(
+            qs.transpose(1, 2), ks.transpose(1, 2), vs.transpose(1, 2),
+            attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1],
+        )  # fmt: skip
+        outs.append(out.transpose(1, 2)[0])
     return torch.cat(outs, dim=0)
 
 

@@ -6,7 +6,9 @@
   puts the final answer in ``\\boxed{}``.
 
 ``render`` applies the tokenizer's chat template when the model has one and a plain
-``User: / Assistant:`` template for base models. The challenger prompt shows one short example of the
+``User: / Assistant:`` template for base models. The document comes before anything that depends on
+the answer type, so the challenger samples of one document share their prompt up to its end (the
+trainer runs that shared prefix once). The challenger prompt shows one short example of the
 format (on an unrelated topic) and the challenger's reply is started with ``CHALLENGER_PREFIX``
 (``<question>``): small models then keep the tagged format far more often. The parser reads the
 prefix plus the completion.
@@ -62,12 +64,12 @@ WITHOUT seeing the document, so the question must be self-contained: state every
 number the student needs, and never refer to "the document", "the text" or "the passage". Make the \
 question hard: it should take several reasoning steps, and its answer must follow from the document.
 
-{type_instruction}
-
 Document:
 <document>
 {document}
 </document>
+
+{type_instruction}
 
 An example of the format, on another topic:
 {example}

@@ -43,6 +43,7 @@ class Sequence:
     completion_ids: list[int]
     sampler_logprobs: list[float]  # the engine's log_softmax(logits / T) of each completion token
     advantage: float
+    prefix_group: object = None  # sequences of one group share a prompt prefix (run once in training)
 
 
 @dataclass
@@ -210,12 +211,12 @@ def spice_rollout(
 
     sequences = [
         Sequence("challenger", challenger[k]["prompt_ids"], challenger[k]["completion"].token_ids,
-                 challenger[k]["completion"].logprobs, float(a))
+                 challenger[k]["completion"].logprobs, float(a), ("document", k[0]))
         for k, a in zip(keys, c_adv.tolist(), strict=True)
     ]  # fmt: skip
     sequences += [
         Sequence("reasoner", challenger[k]["reasoner_prompt_ids"], completion.token_ids, completion.logprobs,
-                 float(a))
+                 float(a), ("question", k))
         for (k, completion, _), a in zip(reasoner_rows, r_adv.tolist(), strict=True)
     ]  # fmt: skip
 

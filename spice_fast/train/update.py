@@ -124,35 +124,97 @@ def pack(lengths: list[int], budget: int) -> list[list[int]]:
 
 @dataclass
 class _MicroBatch:
-    input_ids: torch.Tensor  # [N] prompt + completion[:-1] of each sequence, packed
+    input_ids: torch.Tensor  # [N] the packed inputs: prompt + completion[:-1], shared prefixes once
     batch: AttentionBatch
-    rows: torch.Tensor  # [M] positions that predict completion tokens
+    rows: torch.Tensor  # [M] positions that predict completion tokens (a shared row may repeat)
     targets: torch.Tensor  # [M] completion tokens
     sampler_logprobs: torch.Tensor  # [M]
     advantages: torch.Tensor  # [M] each sequence's advantage on its tokens
     weights: torch.Tensor  # [M] aggregation weight (1, or 1/len for seq_mean_token_mean)
 
 
-def _micro_batch(seqs: list[Sequence], agg: str, device: torch.device) -> _MicroBatch:
-    ids, rows, targets, lps, advs, weights, lengths = [], [], [], [], [], [], []
+@dataclass
+class _Unit:
+    """Sequences packed as one segment: their common prefix once, then each one's remainder."""
+
+    seqs: list[Sequence]
+    prefix_len: int
+
+    @property
+    def num_tokens(self) -> int:
+        return self.prefix_len + sum(_input_len(s) - self.prefix_len for s in self.seqs)
+
+
+def _input_len(s: Sequence) -> int:
+    return len(s.prompt_ids) + len(s.completion_ids) - 1
+
+
+def _common_prefix(seqs: list[Sequence]) -> int:
+    """Longest common prefix of the prompts (rows predicting completions stay out of the prefix)."""
+    first = seqs[0].prompt_ids
+    n = min(len(s.prompt_ids) for s in seqs)
+    for s in seqs[1:]:
+        other = s.prompt_ids
+        n = next((i for i in range(n) if first[i] != other[i]), n)
+    return n
+
+
+def make_units(seqs: list[Sequence], budget: int, share_prefixes: bool) -> list[_Unit]:
+    """Sequences of one ``prefix_group`` with a common prompt prefix become shared-prefix units (split
+    so that each fits ``budget`` when it can); every other sequence is a unit of its own."""
+    groups: dict[object, list[Sequence]] = {}
+    for i, s in enumerate(seqs):
+        key = s.prefix_group if share_prefixes and s.prefix_group is not None else ("own", i)
+        groups.setdefault(key, []).append(s)
+    units = []
+    for members in groups.values():
+        p = _common_prefix(members) if len(members) > 1 else _input_len(members[0])
+        if len(members) == 1 or p == 0:
+            units += [_Unit([m], _input_len(m)) for m in members]
+            continue
+        current = _Unit([], p)
+        for m in members:
+            if current.seqs and current.num_tokens + _input_len(m) - p > budget:
+                units.append(current)
+                current = _Unit([], p)
+            current.seqs.append(m)
+        units.append(current)
+    return units
+
+
+def _micro_batch(units: list[_Unit], agg: str, device: torch.device) -> _MicroBatch:
+    ids, rows, targets, lps, advs, weights, segments = [], [], [], [], [], [], []
     offset = 0
-    for s in seqs:
-        p, c = len(s.prompt_ids), len(s.completion_ids)
-        ids += s.prompt_ids + s.completion_ids[:-1]
-        rows += range(offset + p - 1, offset + p + c - 1)
-        targets += s.completion_ids
-        lps += s.sampler_logprobs
-        advs += [s.advantage] * c
-        weights += [1.0 / c if agg == "seq_mean_token_mean" else 1.0] * c
-        lengths.append(p + c - 1)
-        offset += p + c - 1
+    for unit in units:
+        p, start = unit.prefix_len, offset
+        first = unit.seqs[0]
+        ids += (first.prompt_ids + first.completion_ids[:-1])[:p]
+        offset += p
+        branch_lens = []
+        for s in unit.seqs:
+            x = s.prompt_ids + s.completion_ids[:-1]
+            ids += x[p:]
+            # token k of x sits in the shared prefix (k < p) or in this sequence's branch
+            rows += [start + k if k < p else offset + k - p for k in range(len(s.prompt_ids) - 1, len(x))]
+            branch_lens.append(len(x) - p)
+            offset += len(x) - p
+            c = len(s.completion_ids)
+            targets += s.completion_ids
+            lps += s.sampler_logprobs
+            advs += [s.advantage] * c
+            weights += [1.0 / c if agg == "seq_mean_token_mean" else 1.0] * c
+        segments.append((p, branch_lens))
 
     def t(values, dtype):
         return torch.tensor(values, dtype=dtype, device=device)
 
+    if all(sum(b) == 0 for _, b in segments):  # no branches: plain packed sequences
+        batch = AttentionBatch.packed([p for p, _ in segments], device)
+    else:
+        batch = AttentionBatch.shared_prefix(segments, device)
     return _MicroBatch(
-        t(ids, torch.long), AttentionBatch.packed(lengths, device), t(rows, torch.long),
-        t(targets, torch.long), t(lps, torch.float32), t(advs, torch.float32), t(weights, torch.float32),
+        t(ids, torch.long), batch, t(rows, torch.long), t(targets, torch.long), t(lps, torch.float32),
+        t(advs, torch.float32), t(weights, torch.float32),
     )  # fmt: skip
 
 
@@ -187,17 +249,19 @@ def accumulate_gradients(
     metrics: dict[str, Any] = {
         "update/num_sequences": len(trained), "update/num_zero_advantage": len(sequences) - len(trained),
         "update/num_tokens": sum(len(s.completion_ids) for s in trained), "update/num_micro_batches": 0,
+        "update/num_forward_tokens": 0,
         "time/logprob": 0.0, "finite": True,
     }  # fmt: skip
     if not trained:
         return metrics
     weight = model.lm_head_weight
-    lengths = [len(s.prompt_ids) + len(s.completion_ids) - 1 for s in trained]
+    units = make_units(trained, loss_cfg.micro_batch_tokens, loss_cfg.share_prefixes)
     batches = [
-        _micro_batch([trained[i] for i in b], loss_cfg.agg, model.device)
-        for b in pack(lengths, loss_cfg.micro_batch_tokens)
+        _micro_batch([units[i] for i in b], loss_cfg.agg, model.device)
+        for b in pack([u.num_tokens for u in units], loss_cfg.micro_batch_tokens)
     ]
     metrics["update/num_micro_batches"] = len(batches)
+    metrics["update/num_forward_tokens"] = sum(mb.input_ids.numel() for mb in batches)
     temperature = config.rollout.temperature
 
     old = [mb.sampler_logprobs for mb in batches]
