@@ -212,12 +212,13 @@ def ours_iteration(model, engine, optimizer, tokenizer, documents, config, step)
     valid = [ok for _, ok in tasks]
     c_adv, trained, r_adv = advantages(valid, rewards, config, step)
     sequences = [
-        Sequence("challenger", prompt_ids[i], c.token_ids, c.logprobs, a)
+        Sequence("challenger", prompt_ids[i], c.token_ids, c.logprobs, a, ("document", work[i][0]))
         for i, (c, a) in enumerate(zip(completions, c_adv, strict=True))
-    ]
-    r_rows = [(r_outs[q].prompt_token_ids, c) for q in trained for c in r_outs[q].outputs]
+    ]  # the samples of a document share its prompt prefix: the update runs it once (loss.share_prefixes)
+    r_rows = [(q, r_outs[q].prompt_token_ids, c) for q in trained for c in r_outs[q].outputs]
     sequences += [
-        Sequence("reasoner", p, c.token_ids, c.logprobs, a) for (p, c), a in zip(r_rows, r_adv, strict=True)
+        Sequence("reasoner", p, c.token_ids, c.logprobs, a, ("question", q))
+        for (q, p, c), a in zip(r_rows, r_adv, strict=True)
     ]
     t0 = time.perf_counter()
     metrics = policy_update(model, optimizer, sequences, config, learning_rate(config, max(step, 1)))
@@ -230,6 +231,7 @@ def ours_iteration(model, engine, optimizer, tokenizer, documents, config, step)
     return t | {
         "gen_tokens": num_tokens, "num_valid": sum(valid), "num_sequences": len(sequences),
         "update_tokens": metrics["update/num_tokens"], "micro_batches": metrics["update/num_micro_batches"],
+        "forward_tokens": metrics["update/num_forward_tokens"],
     }  # fmt: skip
 
 
@@ -436,6 +438,8 @@ def report(args, device, runs, med, challenger_lens) -> None:
         for side, name in (("common", "common way"), ("ours", "spice_fast")):
             x = first[side]
             padded = f" ({x['padded_tokens']} padded tokens)" if "padded_tokens" in x else ""
+            if "forward_tokens" in x:
+                padded = f" ({x['forward_tokens']} tokens forwarded, shared prompts once)"
             print(
                 f"  {name}: {x['gen_tokens']} generated tokens, {x['num_valid']}/{args.num_docs * args.G} "
                 f"valid challenger tasks, update over {x['num_sequences']} sequences / "
