@@ -411,6 +411,9 @@ class _FusedLinearLogprob(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, temperature, return_entropy, backend, chunk):
         stats = _forward_chunks(hidden, weight, targets, temperature, return_entropy, backend, chunk)
+        # an output that reaches no loss (an entropy computed only to be logged) arrives as None in
+        # backward instead of zeros, and its vocabulary passes are skipped
+        ctx.set_materialize_grads(False)
         ctx.save_for_backward(hidden, weight, targets, stats)
         ctx.config = (temperature, return_entropy, backend, chunk)
         logp = stats[0].clone()
@@ -422,15 +425,18 @@ class _FusedLinearLogprob(torch.autograd.Function):
         hidden, weight, targets, stats = ctx.saved_tensors
         temperature, return_entropy, backend, chunk = ctx.config
         need = ctx.needs_input_grad[:2]
-        if not any(need):
+        grad_entropy = grad_entropy if return_entropy else None
+        if not any(need) or (grad_logp is None and grad_entropy is None):
             return None, None, None, None, None, None, None
+        if grad_logp is None:
+            grad_logp = torch.zeros_like(stats[0])
         grad_hidden, grad_weight = _backward_vocab_slices(
             hidden,
             weight,
             targets,
             stats,
             grad_logp,
-            grad_entropy if return_entropy else None,
+            grad_entropy,
             temperature,
             backend,
             chunk,

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from helpers import LargestTensor, assert_error_rule
+from helpers import LargestTensor, assert_close, assert_error_rule
 from spice_fast.kernels import fused_linear_logprob, fused_linear_logprob_ref
 from spice_fast.kernels._utils import interpreter_ready, pick_backend, triton_available
 
@@ -220,3 +220,23 @@ def test_import_is_light():
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("used", ["logp", "entropy"])
+def test_an_unused_output_gets_no_gradient_pass(backend, used):
+    """TRL computes entropies only to log them: the unused output's gradient is None, not zeros."""
+    hidden, weight, targets = make_inputs(37, 64, 1037, torch.float32, seed=5)
+    grads = []
+    for fn, kw in (
+        (fused_linear_logprob, {"backend": backend, "chunk_size": 16}),
+        (fused_linear_logprob_ref, {}),
+    ):
+        h = hidden.detach().clone().requires_grad_()
+        w = weight.detach().clone().requires_grad_()
+        logp, entropy = fn(h, w, targets, return_entropy=True, temperature=0.7, **kw)
+        ((logp if used == "logp" else entropy) * torch.linspace(-1, 1, 37, device=DEVICE)).sum().backward()
+        grads.append((h.grad, w.grad))
+    for ours, ref in zip(grads[0], grads[1], strict=True):
+        assert ref.abs().max() > 0
+        assert_close(ours, ref, atol=1e-5 * ref.abs().max().item(), name=f"grad via {used}")
