@@ -27,7 +27,7 @@ install: $(if $(VIRTUAL_ENV),,$(VENV)/bin/python)
 install-test: install
 	$(PIP) install -e ".[test]"
 
-# A few SPICE steps (preset cpu-tiny: embedded model and corpus; about 10 minutes on a 2-core CPU).
+# Five SPICE steps (preset cpu-tiny: embedded model and corpus; about 3 minutes on a 2-core CPU).
 demo: install
 	$(PYTHON) -m spice_fast.cli train run_dir=$(RUN_DIR)
 

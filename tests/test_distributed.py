@@ -37,7 +37,7 @@ def _overrides(tmp_path, model, run):
         f"model.name={model}", f"run_dir={tmp_path / run}", f"corpus.source={corpus}",
         "corpus.max_doc_tokens=40", "spice.num_docs=4", "steps=3", "rollout.challenger_max_tokens=12",
         "rollout.reasoner_max_tokens=10", "rollout.max_model_len=2048", "optim.lr=1e-2", "optim.eps=1.0",
-        "progress=false", "tensorboard=false", "checkpoint_every=2",
+        "progress=false", "tensorboard=false", "checkpoint_every=2", "model.device=cpu",
     ]  # fmt: skip
 
 
