@@ -83,6 +83,15 @@ def test_two_gloo_ranks_match_one_process(tmp_path):
     ckpts = sorted(p.name for p in (tmp_path / "multi" / "checkpoints").iterdir())
     assert ckpts == ["latest", "step-000002", "step-000003"]
 
+    # AdamW's moments sharded over the ranks (ZeroRedundancyOptimizer): the same parameters
+    _run(
+        [*torchrun, str(WORKER), *_overrides(tmp_path, model, "sharded"), "optim.shard_state=true"], tmp_path
+    )
+    sharded = load_file(tmp_path / "sharded" / "params-rank0.safetensors")
+    assert all((sharded[n] - rank0[n]).abs().max().item() <= 5e-7 for n in rank0)
+    sharded1 = load_file(tmp_path / "sharded" / "params-rank1.safetensors")
+    assert all(torch.equal(sharded[n], sharded1[n]) for n in sharded)  # the broadcast keeps ranks equal
+
     # either run resumes with the other number of ranks, and the two continuations agree
     _run([*torchrun, str(WORKER), "--resume", str(tmp_path / "single"), "steps=4"], tmp_path)
     _run([sys.executable, str(WORKER), "--resume", str(tmp_path / "multi"), "steps=4"], tmp_path)
@@ -93,6 +102,10 @@ def test_two_gloo_ranks_match_one_process(tmp_path):
     x = load_file(tmp_path / "single" / "params-rank0.safetensors")
     y = load_file(tmp_path / "multi" / "params-rank0.safetensors")
     assert all((x[n] - y[n]).abs().max().item() <= 5e-7 for n in x)
+    # the sharded run's checkpoint holds the whole optimizer state: one process continues it
+    _run([sys.executable, str(WORKER), "--resume", str(tmp_path / "sharded"), "steps=4"], tmp_path)
+    z = load_file(tmp_path / "sharded" / "params-rank0.safetensors")
+    assert all((z[n] - y[n]).abs().max().item() <= 5e-7 for n in y)
 
 
 def test_merge_weights_means_by_their_counts():

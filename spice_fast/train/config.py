@@ -109,6 +109,7 @@ class OptimSection:
     eps: float = 1e-8  # AdamW denominator epsilon
     weight_decay: float = 0.0  # decoupled weight decay
     max_grad_norm: float = 1.0  # clip the global gradient norm to this (0 = no clipping)
+    shard_state: bool = False  # under torchrun: partition AdamW's moments over the ranks (ZeRO-1)
 
     def __post_init__(self) -> None:
         _check(self.lr > 0, "optim.lr", self.lr, "> 0")

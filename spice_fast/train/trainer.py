@@ -96,7 +96,7 @@ class Trainer:
             self.model, self.tokenizer, max_num_seqs=r.max_num_seqs, max_model_len=r.max_model_len,
             block_size=r.block_size, kv_cache_gb=r.kv_cache_gb,
         )  # fmt: skip
-        self.optimizer = make_optimizer(self.model, config)
+        self.optimizer = make_optimizer(self.model, config, self.ctx)
         if state is not None:
             self._restore(state)
         self.log = RunLogger(self.run_dir, tensorboard=config.tensorboard) if self.ctx.is_main else None
@@ -142,8 +142,9 @@ class Trainer:
     def save(self, step: int) -> Path:
         """Rank 0 writes; the others wait until the checkpoint is complete."""
         path = ckpt.checkpoint_root(self.run_dir) / f"step-{step:06d}"
+        state = self.state_dict(step)  # every rank: a sharded optimizer gathers its state to rank 0
         if self.ctx.is_main:
-            state, keep = self.state_dict(step), self.config.keep_checkpoints
+            keep = self.config.keep_checkpoints
             path = ckpt.save_checkpoint(self.run_dir, step, self.model, self.tokenizer, state, keep=keep)
         barrier(self.ctx)
         return path

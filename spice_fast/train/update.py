@@ -39,10 +39,22 @@ from spice_fast.train.rollout import Sequence
 
 
 class MasterAdamW:
-    """AdamW over fp32 masters of low-precision parameters (or over fp32 parameters directly)."""
+    """AdamW over fp32 masters of low-precision parameters (or over fp32 parameters directly).
+
+    ``shard=True`` (under torchrun) partitions AdamW's moments over the ranks with torch's
+    ``ZeroRedundancyOptimizer`` (ZeRO stage 1): each rank updates its share of the parameters and
+    broadcasts them. Parameters stay whole on every rank because each rank's sampler reads them.
+    """
 
     def __init__(
-        self, params: list[torch.nn.Parameter], *, lr: float, betas, eps: float, weight_decay: float
+        self,
+        params: list[torch.nn.Parameter],
+        *,
+        lr: float,
+        betas,
+        eps: float,
+        weight_decay: float,
+        shard: bool = False,
     ):
         self.params = [p for p in params if p.requires_grad]
         self.use_masters = any(p.dtype != torch.float32 for p in self.params)
@@ -52,7 +64,14 @@ class MasterAdamW:
         else:
             self.masters = None
             targets = self.params
-        self.optimizer = torch.optim.AdamW(targets, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+        kwargs = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay}
+        self.sharded = shard
+        if shard:
+            from torch.distributed.optim import ZeroRedundancyOptimizer
+
+            self.optimizer = ZeroRedundancyOptimizer(targets, optimizer_class=torch.optim.AdamW, **kwargs)
+        else:
+            self.optimizer = torch.optim.AdamW(targets, **kwargs)
 
     def set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
@@ -77,7 +96,16 @@ class MasterAdamW:
             p.copy_(m)  # in place: the sampler keeps reading the same tensors
 
     def state_dict(self) -> dict[str, Any]:
-        return {"optimizer": self.optimizer.state_dict(), "masters": self.masters}
+        """The whole state (a plain AdamW state dict, also when sharded). Sharded: a collective call,
+        and only rank 0 gets the optimizer's part (the others get None there)."""
+        if self.sharded:
+            import torch.distributed as dist
+
+            self.optimizer.consolidate_state_dict(to=0)
+            optimizer = self.optimizer.state_dict() if dist.get_rank() == 0 else None
+        else:
+            optimizer = self.optimizer.state_dict()
+        return {"optimizer": optimizer, "masters": self.masters}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         masters = state.get("masters")
@@ -96,11 +124,12 @@ class MasterAdamW:
         self.optimizer.load_state_dict(state["optimizer"])
 
 
-def make_optimizer(model: CausalLM, config: TrainConfig) -> MasterAdamW:
+def make_optimizer(model: CausalLM, config: TrainConfig, ctx: DistContext = SINGLE) -> MasterAdamW:
     o = config.optim
     return MasterAdamW(
-        list(model.parameters()), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay
-    )
+        list(model.parameters()), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay,
+        shard=o.shard_state and ctx.enabled,
+    )  # fmt: skip
 
 
 def learning_rate(config: TrainConfig, step: int) -> float:
