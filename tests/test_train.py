@@ -15,7 +15,7 @@ from spice_fast.kernels import policy_loss_ref
 from tiny_models import VOCAB, hf_model, ours_from_hf, tiny_checkpoint
 
 import spice_fast
-from spice_fast.spice.parsing import Task
+from spice_fast.spice.parsing import Invalid, Task
 from spice_fast.train import Trainer, make_config, resume_config
 from spice_fast.train import checkpoint as ckpt
 from spice_fast.train import rollout as rollout_mod
@@ -372,11 +372,20 @@ def test_challenger_reply_prefix_is_part_of_the_prompt_and_of_the_parsed_text():
 
     assert prompts.render(None, "hi", "<question>").endswith("Assistant: <question>")
     assert prompts.render(None, "hi") == "User: hi\n\nAssistant:"
-    for answer_type in prompts.ANSWER_TYPES:  # the format example in each prompt parses as its type
+    for answer_type in prompts.ANSWER_TYPES:  # the format example in each prompt has the right format
         text = prompts.challenger_prompt("doc", answer_type)
         example = text.split("on another topic:\n", 1)[1].split("\n\nReply", 1)[0]
-        parsed = rollout_mod.parse_challenger(example, answer_type)
+        question = example.split("<question>")[1].split("</question>")[0]
+        parsed = rollout_mod.parse_challenger(example.replace(question, "A new question?"), answer_type)
         assert isinstance(parsed, Task) and parsed.answer_type == answer_type, parsed
+        # copied as it stands, it is not a task from the document
+        assert rollout_mod.parse_challenger(example, answer_type) == Invalid("copied_example", question[:60])
+        copied = example.replace(question, "  " + question.upper() + " ")
+        assert rollout_mod.parse_challenger(copied, answer_type).reason == "copied_example"
+    placeholder = rollout_mod.parse_challenger(
+        "<question>the question</question><answer>7</answer>", "integer"
+    )
+    assert placeholder.reason == "copied_example"
 
 
 class ScriptedEngine:

@@ -7,7 +7,8 @@ The challenger replies with tagged fields (see ``prompts``)::
     <answer>...</answer>
 
 A JSON object ``{"question": ..., "options": [...] or {"A": ...}, "answer": ...}`` is accepted too.
-Every failure is one of ``INVALID_REASONS`` (the validity rules of ../shared/SPICE.md), never an
+Every failure is one of ``INVALID_REASONS`` (the validity rules of ../shared/SPICE.md, plus
+``copied_example``: the question of the prompt's own format example), never an
 exception: model output is untrusted input of any shape and size.
 """
 
@@ -18,7 +19,7 @@ import re
 from dataclasses import dataclass
 
 from spice_fast import match
-from spice_fast.spice.prompts import ANSWER_TYPES
+from spice_fast.spice.prompts import ANSWER_TYPES, copied_questions, normalize_question
 
 INVALID_REASONS = (
     "unparseable",  # no tagged fields or JSON object, or a field given twice
@@ -27,12 +28,14 @@ INVALID_REASONS = (
     "bad_options",  # multiple choice without exactly four options A-D, or an empty option
     "gold_not_in_options",  # multiple-choice gold is not one of A-D
     "too_long",  # question over the length limit
+    "copied_example",  # the question is the prompt's format example or placeholder, not from the document
 )
 _MAX_INPUT_CHARS = 100_000  # longer output is judged on its last part only (bounded work)
 _TAG = {
     name: re.compile(rf"<{name}>(.*?)</{name}>", re.DOTALL | re.IGNORECASE)
     for name in ("question", "options", "answer")
 }
+_COPIED = copied_questions()
 _OPTION = re.compile(r"^\s*\(?([A-Za-z])\s*[).:\]]\s*(.*?)\s*$")
 _LETTER = re.compile(r"^\s*\(?\s*([A-Za-z])\s*(?:[).:\]].*)?$", re.DOTALL)
 
@@ -69,6 +72,8 @@ def parse_challenger(text: str, answer_type: str, *, max_question_chars: int = 2
         return Invalid("empty_field", "question" if not question else "answer")
     if len(question) > max_question_chars:
         return Invalid("too_long", f"{len(question)} > {max_question_chars} characters")
+    if normalize_question(question) in _COPIED:
+        return Invalid("copied_example", question[:60])
     if answer_type == "mcq":
         if options is None:
             return Invalid("bad_options", "no options")

@@ -59,6 +59,20 @@ _EXAMPLES = {
     ),
 }
 
+
+def copied_questions() -> frozenset[str]:
+    """Questions a challenger may copy from its own prompt (the format examples and placeholders),
+    normalised with ``normalize_question``; such a task is invalid."""
+    questions = {"the question", "..."}
+    for example in _EXAMPLES.values():
+        questions.add(example.split("<question>", 1)[1].split("</question>", 1)[0])
+    return frozenset(normalize_question(q) for q in questions)
+
+
+def normalize_question(text: str) -> str:
+    return " ".join(text.lower().split()).strip(" .?!:")
+
+
 _CHALLENGER_TEMPLATE = """You write exam questions from a document. A student will answer your question \
 WITHOUT seeing the document, so the question must be self-contained: state every fact, definition and \
 number the student needs, and never refer to "the document", "the text" or "the passage". Make the \
