@@ -91,18 +91,35 @@ class Trainer:
         self.model.train()
         count = lambda text: len(self.tokenizer.encode(text, add_special_tokens=False))
         self.corpus = Corpus(config.corpus, count_tokens=count)
+        # the optimizer first: its fp32 masters exist now, its moments at the first step (reserved below)
+        self.optimizer = make_optimizer(self.model, config, self.ctx)
         r = config.rollout
         self.engine = Engine(
             self.model, self.tokenizer, max_num_seqs=r.max_num_seqs, max_model_len=r.max_model_len,
-            block_size=r.block_size, kv_cache_gb=r.kv_cache_gb,
+            block_size=r.block_size, kv_cache_gb=r.kv_cache_gb or self._default_kv_cache_gb(),
         )  # fmt: skip
-        self.optimizer = make_optimizer(self.model, config, self.ctx)
         if state is not None:
             self._restore(state)
         self.log = RunLogger(self.run_dir, tensorboard=config.tensorboard) if self.ctx.is_main else None
         if self.log is not None:
             self.log.truncate_after(self.start_step)
             self._write_config()
+
+    def _default_kv_cache_gb(self) -> float | None:
+        """On a GPU: half of the memory left once AdamW's two fp32 moments are reserved (the engine's
+        own default, half of what is free now, would not leave them room). Elsewhere: the engine's."""
+        if self.model.device.type != "cuda":
+            return None
+        free = torch.cuda.mem_get_info(self.model.device)[0]
+        num_params = sum(p.numel() for p in self.model.parameters())
+        moments = 8 * num_params // (self.ctx.world_size if self.config.optim.shard_state else 1)
+        left = free - moments
+        if left <= 0:
+            raise ValueError(
+                f"rollout.kv_cache_gb: {free / 2**30:.1f} GiB are free, AdamW's moments need "
+                f"{moments / 2**30:.1f} GiB; no room for the KV cache (try optim.shard_state=true)"
+            )
+        return 0.5 * left / 2**30
 
     # ---- state ----
 
