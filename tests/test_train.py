@@ -396,7 +396,7 @@ class ScriptedEngine:
         self.tokenizer, self.replies, self.calls = tokenizer, replies, []
         self.stats = type("Stats", (), {"num_generated_tokens": 0})()
 
-    def generate(self, prompts, params):
+    def generate(self, prompts, params, progress=False):
         from spice_fast.engine import Completion, RequestOutput
 
         self.calls.append([self.tokenizer.decode(p) for p in prompts])

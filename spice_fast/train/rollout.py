@@ -78,9 +78,11 @@ def spice_rollout(
     config: TrainConfig,
     step: int,
     doc_ids: list[int] | None = None,
+    progress: bool = False,
 ) -> RolloutResult:
     """``doc_ids``: each document's index in the step's global batch (default 0..len-1). Every draw is
-    keyed on (seed, step, doc id), so a document gets the same samples whichever rank runs it."""
+    keyed on (seed, step, doc id), so a document gets the same samples whichever rank runs it.
+    ``progress``: a transient progress bar per generation phase."""
     s, r = config.spice, config.rollout
     doc_ids = list(range(len(documents))) if doc_ids is None else list(doc_ids)
     if len(doc_ids) != len(documents):
@@ -115,7 +117,7 @@ def spice_rollout(
         for d, t, slots in request_meta
     ]
     t0 = time.perf_counter()
-    outs = engine.generate(requests, params) if requests else []
+    outs = engine.generate(requests, params, progress=progress) if requests else []
     timings["rollout"] += time.perf_counter() - t0
     num_generated = engine.stats.num_generated_tokens if requests else 0
 
@@ -162,6 +164,7 @@ def spice_rollout(
                 )
                 for k in valid_keys
             ],
+            progress=progress,
         )  # fmt: skip
         if valid_keys
         else []

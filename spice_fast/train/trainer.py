@@ -174,7 +174,10 @@ class Trainer:
         t0 = time.perf_counter()
         documents = self.corpus.next_batch(c.spice.num_docs)  # the global batch, the same on every rank
         mine = list(range(self.ctx.rank, len(documents), self.ctx.world_size))
-        rollout = spice_rollout(self.engine, self.tokenizer, [documents[i] for i in mine], c, step, mine)
+        show = c.progress and self.ctx.is_main
+        rollout = spice_rollout(
+            self.engine, self.tokenizer, [documents[i] for i in mine], c, step, mine, show
+        )
         update = policy_update(
             self.model, self.optimizer, rollout.sequences, c, learning_rate(c, step), self.ctx
         )
