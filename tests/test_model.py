@@ -205,3 +205,26 @@ def test_flash_attention_varlen_matches_sdpa_on_gpu():
         finally:
             set_attention_backend("auto")
     assert_close(flash.float(), sdpa.float(), atol=3e-2, rtol=3e-2)
+
+
+def test_shared_prefix_batch_equals_each_branch_run_alone():
+    """AttentionBatch.shared_prefix: a prefix once, then branches that see it and themselves only."""
+    model = ours_from_hf(hf_model("qwen3", tied=False)).double()
+    gen = torch.Generator().manual_seed(0)
+    prefix = torch.randint(0, VOCAB, (7,), generator=gen)
+    branches = [torch.randint(0, VOCAB, (n,), generator=gen) for n in (3, 0, 5, 1)]
+    lone = torch.randint(0, VOCAB, (4,), generator=gen)
+    ids = torch.cat([prefix, *branches, lone])
+    batch = AttentionBatch.shared_prefix([(7, [3, 0, 5, 1]), (4, [])], "cpu")
+    assert batch.positions.tolist()[7:16] == [7, 8, 9, 7, 8, 9, 10, 11, 7]
+    with torch.no_grad():
+        hidden = model.forward_hidden(ids, batch)
+        offset = 7
+        for branch in branches:
+            alone = model.hidden_states(torch.cat([prefix, branch])[None])[0]
+            assert_close(hidden[:7], alone[:7], atol=1e-12, name="prefix")
+            assert_close(hidden[offset : offset + len(branch)], alone[7:], atol=1e-12, name="branch")
+            offset += len(branch)
+        assert_close(hidden[offset:], model.hidden_states(lone[None])[0], atol=1e-12, name="plain segment")
+    with pytest.raises(ValueError, match="bad segment"):
+        AttentionBatch.shared_prefix([(3, [-1])], "cpu")
