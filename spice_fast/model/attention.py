@@ -217,9 +217,14 @@ def _segment_attention(q, k, v, batch: AttentionBatch, scale: float) -> torch.Te
         if mask is None:
             outs.append(_sdpa_causal(qs, ks, vs, scale)[0])
             continue
+        if qs.is_cuda and q.shape[1] != k.shape[1]:
+            # CUDA's memory-efficient SDPA takes a mask but not enable_gqa: give it whole K/V heads
+            # (else it falls back to the math path, which stores [heads, S, S] scores)
+            group = q.shape[1] // k.shape[1]
+            ks, vs = ks.repeat_interleave(group, dim=2), vs.repeat_interleave(group, dim=2)
         out = F.scaled_dot_product_attention(
             qs.transpose(1, 2), ks.transpose(1, 2), vs.transpose(1, 2),
-            attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1],
+            attn_mask=mask, scale=scale, enable_gqa=qs.shape[2] != ks.shape[2],
         )  # fmt: skip
         outs.append(out.transpose(1, 2)[0])
     return torch.cat(outs, dim=0)
