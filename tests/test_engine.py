@@ -202,3 +202,45 @@ def test_sampler_frequencies_follow_the_distribution():
         assert_close(freq, expected.double(), atol=0.012, name=f"T={temperature} k={top_k} p={top_p}")
         full = torch.log_softmax(logits / temperature, dim=-1)
         assert_close(logprobs, full[tokens], atol=1e-6)
+
+
+def test_prefix_cache_reuses_a_shared_document_across_requests():
+    """Requests that start with the same blocks (one document, several answer types) prefill the
+    document once; tokens and logprobs equal those of an engine without the cache and a full forward."""
+    model = ours_from_hf(hf_model("qwen2", tied=True))
+    doc, a, b, c = prompts_of([53, 9, 14, 3], seed=3)
+    prompts = [doc + a, doc + b, doc + c, doc[:40] + a, list(doc)]  # doc[:40]: 2 full blocks of 16 shared
+    params = SamplingParams(n=2, temperature=0.8, max_tokens=12, seed=4, ignore_eos=True)
+    cached = Engine(model, max_num_seqs=16, max_model_len=128, block_size=16)
+    plain = Engine(model, max_num_seqs=16, max_model_len=128, block_size=16, enable_prefix_caching=False)
+    out_plain = plain.generate(prompts, params)
+    # one call: the first request is prefilled alone, the others wait a step and read its blocks
+    out_cached = cached.generate(prompts, params)
+    assert plain.stats.num_cached_prompt_tokens == 0
+    # the later prompts find the document's 3 full blocks (48 tokens; 32 for the short one) cached
+    assert cached.stats.num_cached_prompt_tokens == 48 + 48 + 32 + 48
+    assert cached.stats.num_prefill_tokens == plain.stats.num_prefill_tokens - (48 + 48 + 32 + 48)
+    for prompt, x, y in zip(prompts, out_cached, out_plain, strict=True):
+        for cx, cy in zip(x.outputs, y.outputs, strict=True):
+            assert cx.token_ids == cy.token_ids
+            assert_close(torch.tensor(cx.logprobs), torch.tensor(cy.logprobs), atol=1e-5)
+            with torch.no_grad():
+                full = torch.log_softmax(model(torch.tensor([prompt + cx.token_ids]))[0] / 0.8, -1)
+            expected = full[len(prompt) - 1 : -1].gather(1, torch.tensor(cx.token_ids)[:, None])[:, 0]
+            assert_close(torch.tensor(cx.logprobs), expected, atol=1e-4)
+
+
+def test_prefix_cache_gives_way_when_the_pool_is_short():
+    model = ours_from_hf(hf_model("qwen3", tied=True))
+    engine = Engine(
+        model, max_num_seqs=16, max_model_len=64, block_size=4, kv_cache_gb=14 * model_block_gb(model, 4)
+    )
+    doc, a, b = prompts_of([12, 3, 5], seed=6)
+    prompts = [doc + a, doc + b, doc + a + b, doc]
+    params = SamplingParams(n=3, temperature=1.0, max_tokens=20, seed=2, ignore_eos=True)
+    outs = engine.generate(prompts, params)
+    roomy = Engine(model, max_num_seqs=32, max_model_len=64, block_size=4, enable_prefix_caching=False)
+    assert [[c.token_ids for c in o.outputs] for o in outs] == [
+        [c.token_ids for c in o.outputs] for o in roomy.generate(prompts, params)
+    ]
+    assert engine.pool.num_used == 0  # nothing leaked, cache references included

@@ -11,6 +11,10 @@ with no copy). Per call:
   and free their blocks. When a decode step finds no free block, the most recently admitted
   sequence is preempted: its blocks are freed and it is recomputed later from its tokens, drawing
   the same tokens again (the sampling noise is keyed by seed, sample and position).
+* Prefix caching within a call: the full prompt blocks a prefill computes are kept (keyed by their
+  tokens and the block before them), so a later request that starts with the same blocks (the
+  challenger prompts of one document with different answer types) prefills only the rest, attending
+  to the cached blocks. The cache lets go of its blocks whenever the pool runs short.
 * The KV pool is emptied at the start of every call: KV written before a weight update is stale.
 
 tests/test_engine.py checks greedy output against transformers, logprobs against a full forward,
@@ -61,6 +65,7 @@ class _Sequence:
 class EngineStats:
     num_prefill_tokens: int = 0  # tokens run through prefill (shared prompts counted once)
     num_generated_tokens: int = 0
+    num_cached_prompt_tokens: int = 0  # prompt tokens read from blocks cached by an earlier request
     num_preemptions: int = 0
     num_steps: int = 0
     peak_blocks_used: int = 0
@@ -77,6 +82,7 @@ class Engine:
         block_size: int = 16,
         kv_cache_gb: float | None = None,
         max_num_batched_tokens: int | None = None,
+        enable_prefix_caching: bool = True,
     ):
         if not isinstance(model, CausalLM):
             raise TypeError(f"model: expected a spice_fast CausalLM, got {type(model).__name__}")
@@ -108,6 +114,8 @@ class Engine:
         self.cache = PagedKVCache.allocate(config, num_blocks, block_size, model.dtype, model.device)
         self.pool = BlockPool(num_blocks)
         self.stats = EngineStats()
+        self.enable_prefix_caching = enable_prefix_caching
+        self._prefix_cache: dict[tuple[int, tuple[int, ...]], int] = {}  # (previous block, tokens) -> block
         self._stop_ids = set(config.eos_token_ids)
         if tokenizer is not None and tokenizer.eos_token_id is not None:
             self._stop_ids.add(tokenizer.eos_token_id)
@@ -147,6 +155,7 @@ class Engine:
             seqs = [_Sequence(i, s, len(ids), list(ids), seed, sp) for s in range(sp.n)]
             groups.append(seqs)
         self.pool.reset()
+        self._prefix_cache = {}
         self.stats = EngineStats()
         finished = self._run(groups, sum(len(g) for g in groups), progress)
         for seq in sorted(finished, key=lambda s: (s.request, s.sample)):
@@ -155,6 +164,7 @@ class Engine:
             )
         self.stats.peak_blocks_used = self.pool.peak_used
         self.pool.reset()
+        self._prefix_cache = {}
         return outputs
 
     # ---- validation ----
@@ -212,6 +222,9 @@ class Engine:
         bar = tqdm(total=total, desc="generate", unit="seq", disable=not progress, leave=False)
         while waiting or running:
             admitted = self._admit(waiting, running)
+            if not admitted and waiting and self._prefix_cache:
+                self._drop_prefix_cache()  # its blocks may be what the next request needs
+                admitted = self._admit(waiting, running)
             if admitted:
                 done = self._prefill(admitted, running)
             elif running:
@@ -232,9 +245,13 @@ class Engine:
         """Take groups from the front of the queue while their prompt blocks and slots are free."""
         admitted, budget, free = [], self.max_num_batched_tokens, self.pool.num_free
         num_running = len(running)
+        first_blocks = set()  # first prompt block of each admitted group
         while waiting:
             group = waiting[0]
             length = len(group[0].tokens)
+            first = self._first_block_key(group[0].tokens)
+            if admitted and first is not None and first in first_blocks and first not in self._prefix_cache:
+                break  # it shares a prefix with a group prefilled now: next step, it reads it from the cache
             full, partial = divmod(length, self.block_size)
             per_child = 1 if partial else 0
             slots = self.max_num_seqs - num_running
@@ -254,30 +271,75 @@ class Engine:
             else:
                 waiting[0] = group[k:]
             admitted.append(take)
+            first_blocks.add(first)
             free -= full + k * per_child
             budget -= length
             num_running += k
         return admitted
 
+    def _first_block_key(self, tokens: list[int]) -> tuple[int, tuple[int, ...]] | None:
+        if not self.enable_prefix_caching or (len(tokens) - 1) // self.block_size == 0:
+            return None
+        return (-1, tuple(tokens[: self.block_size]))
+
+    def _cached_blocks(self, tokens: list[int]) -> list[int]:
+        """The longest run of cached blocks this prompt starts with (at least one token left to run)."""
+        bs, found, previous = self.block_size, [], -1
+        for i in range((len(tokens) - 1) // bs if self.enable_prefix_caching else 0):
+            block = self._prefix_cache.get((previous, tuple(tokens[i * bs : (i + 1) * bs])))
+            if block is None:
+                break
+            found.append(block)
+            previous = block
+        return found
+
+    def _cache_prompt_blocks(self, tokens: list[int], blocks: list[int]) -> None:
+        if not self.enable_prefix_caching:
+            return
+        bs, previous = self.block_size, -1
+        for i in range(len(tokens) // bs):
+            key = (previous, tuple(tokens[i * bs : (i + 1) * bs]))
+            if key not in self._prefix_cache:
+                self._prefix_cache[key] = blocks[i]
+                self.pool.share([blocks[i]])  # the cache's own reference
+            previous = self._prefix_cache[key]
+
+    def _drop_prefix_cache(self) -> None:
+        self.pool.release(list(self._prefix_cache.values()))
+        self._prefix_cache = {}
+
     def _prefill(self, groups: list[list[_Sequence]], running: list[_Sequence]) -> list[_Sequence]:
         device = self.model.device
         bs = self.block_size
-        lens, ids, slots, owned = [], [], [], []
+        lens, ids, slots, owned, contexts, positions = [], [], [], [], [], []
         for group in groups:
             tokens = group[0].tokens
-            blocks = self.pool.allocate(-(-len(tokens) // bs))
+            cached = self._cached_blocks(tokens)
+            self.pool.share(cached)
+            blocks = cached + self.pool.allocate(-(-len(tokens) // bs) - len(cached))
+            context = len(cached) * bs
             owned.append(blocks)
-            lens.append(len(tokens))
-            ids.extend(tokens)
-            slots.extend(blocks[p // bs] * bs + p % bs for p in range(len(tokens)))
+            contexts.append(context)
+            lens.append(len(tokens) - context)
+            ids.extend(tokens[context:])
+            positions.extend(range(context, len(tokens)))
+            slots.extend(blocks[p // bs] * bs + p % bs for p in range(context, len(tokens)))
         slot_mapping = torch.tensor(slots, dtype=torch.int64, device=device)
         batch = AttentionBatch.packed(lens, device, slot_mapping=slot_mapping)
+        if any(contexts):
+            batch.positions = torch.tensor(positions, dtype=torch.int64, device=device)
+            batch.uniform_len = 0
+            batch.context_lens, batch.context_tables = contexts, owned
         hidden = self.model.forward_hidden(
             torch.tensor(ids, dtype=torch.long, device=device), batch, self.cache
         )
         logits = self.model.logits(hidden[batch.cu_seqlens[1:].long() - 1])  # [num_groups, V]
         self.stats.num_prefill_tokens += len(ids)
+        self.stats.num_cached_prompt_tokens += sum(contexts)
+        for group, blocks in zip(groups, owned, strict=True):
+            self._cache_prompt_blocks(group[0].tokens, blocks)
 
+        lens = [len(group[0].tokens) for group in groups]
         children, rows = [], []
         for g, (group, blocks) in enumerate(zip(groups, owned, strict=True)):
             length = lens[g]
@@ -306,6 +368,9 @@ class Engine:
         while i < len(running):  # give every sequence a slot for its next token, preempting if needed
             seq = running[i]
             if seq.num_cached // bs == len(seq.blocks):
+                if self.pool.num_free == 0 and self._prefix_cache:
+                    self._drop_prefix_cache()
+                    continue
                 if self.pool.num_free == 0:
                     self._preempt(running[-1], running, waiting)  # may be seq itself; then i is past it
                     continue

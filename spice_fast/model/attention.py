@@ -76,6 +76,8 @@ class AttentionBatch:
     block_tables: torch.Tensor | None = None  # [B, max_blocks] int32 (decode mode)
     context_lens: torch.Tensor | None = None  # [B] int32 tokens attended, new one included (decode)
     segment_masks: list[torch.Tensor | None] | None = None  # per segment: [S, S] bool mask, None = causal
+    context_lens: list[int] | None = None  # packed prefill after cached prompt blocks: tokens before each
+    context_tables: list[list[int]] | None = None  # blocks holding each sequence's context and new tokens
 
     @property
     def is_decode(self) -> bool:
@@ -230,6 +232,45 @@ def _segment_attention(q, k, v, batch: AttentionBatch, scale: float) -> torch.Te
     return torch.cat(outs, dim=0)
 
 
+def prefill_with_context(
+    q: torch.Tensor,  # [N, num_heads, D] the new tokens of each sequence, packed
+    k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, D] (new tokens already written)
+    v_cache: torch.Tensor,
+    batch: AttentionBatch,
+    scale: float,
+) -> torch.Tensor:  # [N, num_heads, D]
+    """Prefill whose sequences start after cached blocks: each new token attends to its sequence's
+    context and to the new tokens up to itself, all read from the pool (PyTorch, every device)."""
+    bounds = batch.cu_seqlens.tolist()
+    block_size = k_cache.shape[1]
+    outs = []
+    for i, (s, e) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
+        context, num_new = batch.context_lens[i], e - s
+        total = context + num_new
+        if len(batch.context_tables[i]) * block_size < total:
+            raise ValueError(
+                f"sequence {i}: {total} tokens do not fit its {len(batch.context_tables[i])} blocks"
+            )
+        table = torch.tensor(batch.context_tables[i], dtype=torch.long, device=q.device)
+        k = k_cache[table].reshape(-1, *k_cache.shape[2:])[:total]  # [total, kv_heads, D]
+        v = v_cache[table].reshape(-1, *v_cache.shape[2:])[:total]
+        qs = q[s:e]
+        if qs.shape[1] != k.shape[1]:
+            group = qs.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        query_pos = torch.arange(context, total, device=q.device)
+        mask = torch.arange(total, device=q.device)[None, :] <= query_pos[:, None]  # [new, total]
+        out = F.scaled_dot_product_attention(
+            qs.transpose(0, 1)[None],
+            k.transpose(0, 1)[None],
+            v.transpose(0, 1)[None],
+            attn_mask=mask,
+            scale=scale,
+        )  # [1, heads, new, D]
+        outs.append(out[0].transpose(0, 1))
+    return torch.cat(outs, dim=0)
+
+
 def _sdpa_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
     # [B, T, heads, D] in and out; SDPA wants heads before time.
     out = F.scaled_dot_product_attention(
@@ -310,6 +351,12 @@ class Attention(nn.Module):
             if kv_cache is None:
                 raise ValueError("decode mode needs a PagedKVCache")
             out = paged_decode_attention(
+                q, kv_cache.k[self.layer_idx], kv_cache.v[self.layer_idx], batch, self.scale
+            )
+        elif batch.context_lens is not None:
+            if kv_cache is None:
+                raise ValueError("prefill after cached blocks needs a PagedKVCache")
+            out = prefill_with_context(
                 q, kv_cache.k[self.layer_idx], kv_cache.v[self.layer_idx], batch, self.scale
             )
         else:

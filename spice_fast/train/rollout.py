@@ -107,6 +107,10 @@ def spice_rollout(
         for answer_type, ids in encoded.items():
             requests.append(ids)
             request_meta.append((d, answer_type, [g for g, t in enumerate(types) if t == answer_type]))
+    # the k-th answer type of every document first, then the (k+1)-th: the engine prefills a document
+    # once and lets its other requests read the cached blocks a step later
+    order = sorted(range(len(request_meta)), key=lambda i: (_rank_in_document(request_meta, i), i))
+    requests, request_meta = [requests[i] for i in order], [request_meta[i] for i in order]
     params = [
         _sampling(
             config,
@@ -234,6 +238,11 @@ def spice_rollout(
     })  # fmt: skip
     samples = _samples(documents, challenger, keys)
     return RolloutResult(sequences, metrics, samples)
+
+
+def _rank_in_document(request_meta: list, i: int) -> int:
+    d = request_meta[i][0]
+    return sum(1 for j in range(i) if request_meta[j][0] == d)
 
 
 def _trained_questions(
