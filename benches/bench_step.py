@@ -168,6 +168,9 @@ def ours_iteration(model, engine, optimizer, tokenizer, documents, config, step)
     for i, (d, answer_type, _) in enumerate(work):
         groups.setdefault((d, answer_type), []).append(i)
     keys = sorted(groups)
+    # as the trainer does: the k-th request of every document first, so the engine's prefix cache
+    # prefills each document once
+    keys = sorted(keys, key=lambda key: (sum(1 for other in keys if other[0] == key[0] and other < key), key))
 
     def params(n, max_tokens, *seed):
         return SamplingParams(
