@@ -198,13 +198,21 @@ def _draw_hist(fig, ax, rows: list[dict[str, Any]]) -> None:
     fig.colorbar(mesh, ax=ax, label="fraction of questions")
 
 
+def _integer_locator():
+    from matplotlib.ticker import MaxNLocator
+
+    return MaxNLocator(integer=True)
+
+
 def _draw_figure(name: str, panels: tuple[Panel, ...], rows: list[dict[str, Any]], path: Path) -> None:
     figure_cls, canvas_cls = _matplotlib()
     fig = figure_cls(figsize=(9, 2.8 * len(panels) + 0.6), layout="constrained")
     canvas_cls(fig)
     axes = fig.subplots(len(panels), 1, sharex=True, squeeze=False)[:, 0]
-    skipped_steps = series(rows, "skipped")
-    skipped_steps = [s for s, v in zip(*skipped_steps, strict=True) if v > 0]
+    # updates skipped for a non-finite loss or gradient; "no_signal" (all advantages zero) is normal
+    skipped_steps = [
+        r["step"] for r in rows if r.get("skipped") and r.get("skip_reason", "nonfinite") != "no_signal"
+    ]
     for ax, panel in zip(axes, panels, strict=True):
         if panel.kind == "hist":
             _draw_hist(fig, ax, rows)
@@ -219,7 +227,8 @@ def _draw_figure(name: str, panels: tuple[Panel, ...], rows: list[dict[str, Any]
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0] and (len(panel.keys) > 1 or panel.total):
             ax.legend(fontsize=8, loc="best")
-    axes[-1].set_xlabel("step" + ("  (red: skipped steps)" if name == "loss.png" and skipped_steps else ""))
+    axes[-1].xaxis.set_major_locator(_integer_locator())
+    axes[-1].set_xlabel("step" + ("  (red: skipped updates)" if name == "loss.png" and skipped_steps else ""))
     tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.png")
     try:
         fig.savefig(tmp, dpi=100)
