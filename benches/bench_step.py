@@ -70,7 +70,7 @@ from spice_fast.spice.corpus import Corpus  # noqa: E402
 from spice_fast.spice.parsing import Task, parse_challenger  # noqa: E402
 from spice_fast.spice.rewards import challenger_reward, reasoner_rewards, role_advantages  # noqa: E402
 from spice_fast.train import make_config  # noqa: E402
-from spice_fast.train.rollout import Sequence, derive_seed, encode_prompt  # noqa: E402
+from spice_fast.train.rollout import Sequence, derive_seed  # noqa: E402
 from spice_fast.train.update import learning_rate, make_optimizer, policy_update  # noqa: E402
 
 FALLBACK_QUESTIONS = [  # (question, integer answer) for challenger samples that wrote no valid task
@@ -107,7 +107,7 @@ def challenger_work(tokenizer, documents, config, step) -> list[tuple[int, str, 
         types = [prompts.draw_answer_type(rng, s.answer_type_mix) for _ in range(s.num_challenger_samples)]
         for t in types:
             text = prompts.challenger_prompt(doc.text, t)
-            work.append((d, t, encode_prompt(tokenizer, text, challenger_prefix(config))))
+            work.append((d, t, prompts.encode(tokenizer, text, challenger_prefix(config))))
     return work
 
 
@@ -127,7 +127,7 @@ def task_or_fallback(text: str, answer_type: str, index: int, config) -> tuple[T
 
 
 def reasoner_prompt_ids(tokenizer, task: Task) -> list[int]:
-    return encode_prompt(tokenizer, prompts.reasoner_prompt(task.question, list(task.options or [])))
+    return prompts.encode(tokenizer, prompts.reasoner_prompt(task.question, list(task.options or [])))
 
 
 def advantages(valid: list[bool], rewards: list[float], config, step: int):

@@ -35,7 +35,8 @@ from pathlib import Path
 from typing import Any
 
 from spice_fast import match
-from spice_fast.spice.prompts import ANSWER_TYPES, reasoner_prompt, render
+from spice_fast.match import has_box
+from spice_fast.spice.prompts import ANSWER_TYPES, encode, reasoner_prompt
 
 logger = logging.getLogger(__name__)
 
@@ -238,14 +239,7 @@ def encode_prompt(tokenizer: Any, record: EvalRecord) -> list[int]:
     """Token ids of the reasoner prompt: the chat template already holds the special tokens, so they
     are not added again (a BOS would be doubled on Llama tokenizers); plain prompts get them."""
     options = list(record.choices) if record.choices else None
-    text = render(tokenizer, reasoner_prompt(record.question, options))
-    templated = bool(getattr(tokenizer, "chat_template", None))
-    return list(tokenizer.encode(text, add_special_tokens=not templated))
-
-
-def has_box(response: str) -> bool:
-    """Whether a response holds a boxed answer (without one the reasoner reward is 0)."""
-    return "\\boxed" in response or "\\fbox" in response
+    return encode(tokenizer, reasoner_prompt(record.question, options))
 
 
 def evaluate(

@@ -51,6 +51,12 @@ def extract_answer(text: Text) -> str | None:
     return None if out is None else out.decode("utf-8", "replace")
 
 
+def has_box(response: str) -> bool:
+    """Whether a response holds a ``\\boxed{}`` / ``\\fbox{}`` answer (without one the SPICE reasoner
+    reward is 0, whatever a looser extraction finds)."""
+    return "\\boxed" in response or "\\fbox" in response
+
+
 def verify(pred: Text, gold: Text, *, answer_type: str | None = None) -> bool:
     """Whether ``pred`` (a full response or a bare answer) matches ``gold``. ``answer_type``: "mcq",
     "integer", "expression", "string" or None (inferred from the gold answer)."""

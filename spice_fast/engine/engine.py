@@ -277,16 +277,20 @@ class Engine:
             num_running += k
         return admitted
 
+    def _block_key(self, previous: int, tokens: list[int], i: int) -> tuple[int, tuple[int, ...]]:
+        """Prefix-cache key of full block ``i``: its tokens and the (cached) block before it."""
+        return (previous, tuple(tokens[i * self.block_size : (i + 1) * self.block_size]))
+
     def _first_block_key(self, tokens: list[int]) -> tuple[int, tuple[int, ...]] | None:
         if not self.enable_prefix_caching or (len(tokens) - 1) // self.block_size == 0:
             return None
-        return (-1, tuple(tokens[: self.block_size]))
+        return self._block_key(-1, tokens, 0)
 
     def _cached_blocks(self, tokens: list[int]) -> list[int]:
         """The longest run of cached blocks this prompt starts with (at least one token left to run)."""
-        bs, found, previous = self.block_size, [], -1
-        for i in range((len(tokens) - 1) // bs if self.enable_prefix_caching else 0):
-            block = self._prefix_cache.get((previous, tuple(tokens[i * bs : (i + 1) * bs])))
+        found, previous = [], -1
+        for i in range((len(tokens) - 1) // self.block_size if self.enable_prefix_caching else 0):
+            block = self._prefix_cache.get(self._block_key(previous, tokens, i))
             if block is None:
                 break
             found.append(block)
@@ -296,9 +300,9 @@ class Engine:
     def _cache_prompt_blocks(self, tokens: list[int], blocks: list[int]) -> None:
         if not self.enable_prefix_caching:
             return
-        bs, previous = self.block_size, -1
-        for i in range(len(tokens) // bs):
-            key = (previous, tuple(tokens[i * bs : (i + 1) * bs]))
+        previous = -1
+        for i in range(len(tokens) // self.block_size):
+            key = self._block_key(previous, tokens, i)
             if key not in self._prefix_cache:
                 self._prefix_cache[key] = blocks[i]
                 self.pool.share([blocks[i]])  # the cache's own reference

@@ -215,20 +215,10 @@ def _segment_attention(q, k, v, batch: AttentionBatch, scale: float) -> torch.Te
     bounds = batch.cu_seqlens.tolist()
     outs = []
     for (s, e), mask in zip(zip(bounds[:-1], bounds[1:], strict=True), batch.segment_masks, strict=True):
-        qs, ks, vs = q[None, s:e], k[None, s:e], v[None, s:e]
         if mask is None:
-            outs.append(_sdpa_causal(qs, ks, vs, scale)[0])
-            continue
-        if qs.is_cuda and q.shape[1] != k.shape[1]:
-            # CUDA's memory-efficient SDPA takes a mask but not enable_gqa: give it whole K/V heads
-            # (else it falls back to the math path, which stores [heads, S, S] scores)
-            group = q.shape[1] // k.shape[1]
-            ks, vs = ks.repeat_interleave(group, dim=2), vs.repeat_interleave(group, dim=2)
-        out = F.scaled_dot_product_attention(
-            qs.transpose(1, 2), ks.transpose(1, 2), vs.transpose(1, 2),
-            attn_mask=mask, scale=scale, enable_gqa=qs.shape[2] != ks.shape[2],
-        )  # fmt: skip
-        outs.append(out.transpose(1, 2)[0])
+            outs.append(_sdpa_causal(q[None, s:e], k[None, s:e], v[None, s:e], scale)[0])
+        else:
+            outs.append(_sdpa_masked(q[s:e], k[s:e], v[s:e], mask, scale))
     return torch.cat(outs, dim=0)
 
 
@@ -254,21 +244,29 @@ def prefill_with_context(
         table = torch.tensor(batch.context_tables[i], dtype=torch.long, device=q.device)
         k = k_cache[table].reshape(-1, *k_cache.shape[2:])[:total]  # [total, kv_heads, D]
         v = v_cache[table].reshape(-1, *v_cache.shape[2:])[:total]
-        qs = q[s:e]
-        if qs.shape[1] != k.shape[1]:
-            group = qs.shape[1] // k.shape[1]
-            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
         query_pos = torch.arange(context, total, device=q.device)
         mask = torch.arange(total, device=q.device)[None, :] <= query_pos[:, None]  # [new, total]
-        out = F.scaled_dot_product_attention(
-            qs.transpose(0, 1)[None],
-            k.transpose(0, 1)[None],
-            v.transpose(0, 1)[None],
-            attn_mask=mask,
-            scale=scale,
-        )  # [1, heads, new, D]
-        outs.append(out[0].transpose(0, 1))
+        outs.append(_sdpa_masked(q[s:e], k, v, mask, scale))
     return torch.cat(outs, dim=0)
+
+
+def _sdpa_masked(
+    q: torch.Tensor,  # [T, num_heads, D]
+    k: torch.Tensor,  # [S, num_kv_heads, D]
+    v: torch.Tensor,
+    mask: torch.Tensor,  # [T, S] bool, True = attend
+    scale: float,
+) -> torch.Tensor:  # [T, num_heads, D]
+    if q.is_cuda and q.shape[1] != k.shape[1]:
+        # CUDA's memory-efficient SDPA takes a mask but not enable_gqa: give it whole K/V heads
+        # (else it falls back to the math path, which stores [heads, T, S] scores)
+        group = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    out = F.scaled_dot_product_attention(
+        q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+        attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1],
+    )  # fmt: skip
+    return out[0].transpose(0, 1)
 
 
 def _sdpa_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:

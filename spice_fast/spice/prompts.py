@@ -136,3 +136,11 @@ def render(tokenizer: Any, user_text: str, response_prefix: str = "") -> str:
         )
         return text + response_prefix
     return f"User: {user_text}\n\nAssistant:" + (" " + response_prefix if response_prefix else "")
+
+
+def encode(tokenizer: Any, user_text: str, response_prefix: str = "") -> list[int]:
+    """Token ids of a rendered prompt. A chat template holds its own special tokens, so they are not
+    added again (a BOS would be doubled on Llama tokenizers); plain prompts get them."""
+    text = render(tokenizer, user_text, response_prefix)
+    templated = bool(getattr(tokenizer, "chat_template", None))
+    return list(tokenizer.encode(text, add_special_tokens=not templated))

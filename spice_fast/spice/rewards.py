@@ -16,6 +16,7 @@ import torch
 
 from spice_fast import match
 from spice_fast.kernels import grpo_advantages
+from spice_fast.match import has_box
 
 INVALID_REWARD = -0.1  # rho: below the reward of every valid task
 _TARGET_VARIANCE = 0.25  # p(1-p) at p = 1/2, the frontier of the reasoner
@@ -37,9 +38,9 @@ def reasoner_rewards(responses: list[str], golds: list[str], answer_types: list[
             f"responses, golds and answer_types differ in length: {len(responses)}, {len(golds)}, "
             f"{len(answer_types)}"
         )
-    boxed = [("\\boxed" in r or "\\fbox" in r) if isinstance(r, str) else False for r in responses]
+    boxed = [isinstance(r, str) and has_box(r) for r in responses]
     verdicts = match.verify_batch([r if isinstance(r, str) else "" for r in responses], golds, answer_types)
-    return [1.0 if ok and has_box else 0.0 for ok, has_box in zip(verdicts, boxed, strict=True)]
+    return [1.0 if ok and box else 0.0 for ok, box in zip(verdicts, boxed, strict=True)]
 
 
 def role_advantages(

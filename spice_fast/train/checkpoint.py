@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from spice_fast.weights import save as save_model
-from spice_fast.weights.safetensors_io import fsync_tree
+from spice_fast.weights.safetensors_io import fsync_dir, fsync_tree
 
 STATE_FILE = "trainer_state.pt"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -31,14 +31,6 @@ _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 def checkpoint_root(run_dir: str | Path) -> Path:
     return Path(run_dir) / "checkpoints"
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def save_checkpoint(
@@ -71,7 +63,7 @@ def _write_latest(root: Path, name: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, root / "latest")
-    _fsync_dir(root)
+    fsync_dir(root)
 
 
 def _complete(path: Path) -> bool:

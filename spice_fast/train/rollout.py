@@ -59,13 +59,6 @@ def derive_seed(*parts: Any) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
-def encode_prompt(tokenizer: Any, user_text: str, response_prefix: str = "") -> list[int]:
-    """Token ids of a role prompt: ``render`` adds the chat template, which holds its own special tokens."""
-    text = prompts.render(tokenizer, user_text, response_prefix)
-    templated = bool(getattr(tokenizer, "chat_template", None))
-    return list(tokenizer.encode(text, add_special_tokens=not templated))
-
-
 def _sampling(config: TrainConfig, n: int, max_tokens: int, seed: int) -> SamplingParams:
     r = config.rollout
     return SamplingParams(n=n, temperature=r.temperature, top_p=r.top_p, max_tokens=max_tokens, seed=seed)
@@ -92,24 +85,25 @@ def spice_rollout(
     prefix = prompts.CHALLENGER_PREFIX if s.prefill_question_tag else ""
 
     # ---- 1. challenger: B documents x G samples, one request per (document, answer type) ----
-    requests, request_meta = [], []  # meta: (document index, answer type, sample indices)
+    requests, request_meta, ranks = [], [], []  # meta: (document index, answer type, sample indices)
     num_skipped_docs = 0
     for d, doc in enumerate(documents):
         rng = random.Random(derive_seed("answer_types", config.seed, step, doc_ids[d]))
         types = [prompts.draw_answer_type(rng, s.answer_type_mix) for _ in range(s.num_challenger_samples)]
         encoded = {
-            t: encode_prompt(tokenizer, prompts.challenger_prompt(doc.text, t), prefix)
+            t: prompts.encode(tokenizer, prompts.challenger_prompt(doc.text, t), prefix)
             for t in sorted(set(types))
         }
         if max(len(ids) for ids in encoded.values()) > max_prompt:
             num_skipped_docs += 1  # dropped whole, so that its challenger group stays complete
             continue
-        for answer_type, ids in encoded.items():
+        for rank, (answer_type, ids) in enumerate(encoded.items()):
             requests.append(ids)
             request_meta.append((d, answer_type, [g for g, t in enumerate(types) if t == answer_type]))
+            ranks.append(rank)
     # the k-th answer type of every document first, then the (k+1)-th: the engine prefills a document
     # once and lets its other requests read the cached blocks a step later
-    order = sorted(range(len(request_meta)), key=lambda i: (_rank_in_document(request_meta, i), i))
+    order = sorted(range(len(request_meta)), key=lambda i: (ranks[i], i))
     requests, request_meta = [requests[i] for i in order], [request_meta[i] for i in order]
     params = [
         _sampling(
@@ -131,7 +125,6 @@ def spice_rollout(
         for slot, completion in zip(slots, out.outputs, strict=True):
             challenger[(d, slot)] = {
                 "prompt_ids": out.prompt_token_ids, "completion": completion, "answer_type": answer_type,
-                "prefix": prefix,
             }  # fmt: skip
     keys = sorted(challenger)
 
@@ -139,10 +132,10 @@ def spice_rollout(
     invalid = Counter()
     for key in keys:
         c = challenger[key]
-        text = c["prefix"] + c["completion"].text  # the reply began in the prompt
+        text = prefix + c["completion"].text  # the reply began in the prompt
         parsed = parse_challenger(text, c["answer_type"], max_question_chars=s.max_question_chars)
         if isinstance(parsed, Task):
-            ids = encode_prompt(
+            ids = prompts.encode(
                 tokenizer, prompts.reasoner_prompt(parsed.question, list(parsed.options or []))
             )
             if len(ids) > max_prompt:
@@ -236,13 +229,8 @@ def spice_rollout(
         "time/matching": timings["matching"],
         "reasoner/num_trained_questions": len(trained_questions),
     })  # fmt: skip
-    samples = _samples(documents, challenger, keys)
+    samples = _samples(documents, challenger, keys, prefix)
     return RolloutResult(sequences, metrics, samples)
-
-
-def _rank_in_document(request_meta: list, i: int) -> int:
-    d = request_meta[i][0]
-    return sum(1 for j in range(i) if request_meta[j][0] == d)
 
 
 def _trained_questions(
@@ -283,7 +271,7 @@ def _metrics(challenger, keys, valid_keys, invalid, rewards, pass_hist, num_k) -
     return metrics
 
 
-def _samples(documents, challenger, keys, max_samples: int = 4) -> list[dict[str, Any]]:
+def _samples(documents, challenger, keys, prefix: str, max_samples: int = 4) -> list[dict[str, Any]]:
     """A few readable examples, valid tasks first."""
     ordered = sorted(keys, key=lambda k: (isinstance(challenger[k]["task"], Invalid), k))
     out = []
@@ -292,7 +280,7 @@ def _samples(documents, challenger, keys, max_samples: int = 4) -> list[dict[str
         task = c["task"]
         item: dict[str, Any] = {
             "document": documents[k[0]].source, "answer_type": c["answer_type"],
-            "challenger_output": c["prefix"] + c["completion"].text, "challenger_reward": c["reward"],
+            "challenger_output": prefix + c["completion"].text, "challenger_reward": c["reward"],
         }  # fmt: skip
         if isinstance(task, Task):
             item["task"] = {"question": task.question, "options": task.options, "answer": task.answer}

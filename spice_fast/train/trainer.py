@@ -25,7 +25,7 @@ import spice_fast
 from spice_fast.engine import Engine
 from spice_fast.spice.corpus import Corpus
 from spice_fast.train import checkpoint as ckpt
-from spice_fast.train.config import TrainConfig, from_dict, to_dict
+from spice_fast.train.config import TrainConfig, from_dict, load_yaml, to_dict
 from spice_fast.train.distributed import DistContext, barrier, gather_metrics, init_distributed, merge_metrics
 from spice_fast.train.metrics import RunLogger, console_line
 from spice_fast.train.rollout import spice_rollout
@@ -38,13 +38,11 @@ CONFIG_FILE = "config.yaml"
 
 def read_run_config(run_dir: str | Path) -> dict[str, Any]:
     """The resolved config a run saved in its directory (for ``--resume``)."""
-    import yaml
-
     path = Path(run_dir) / CONFIG_FILE
     if not path.is_file():
         raise ValueError(f"resume: {str(path)!r} not found; is {str(run_dir)!r} a spice-fast run directory?")
-    data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    if not isinstance(data, dict):
+    data = load_yaml(path)  # a mapping, or a ValueError naming the file
+    if not data:
         raise ValueError(f"resume: {str(path)!r} is not a config mapping")
     return data
 

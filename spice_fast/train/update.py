@@ -197,8 +197,7 @@ def make_units(seqs: list[Sequence], budget: int, share_prefixes: bool) -> list[
         groups.setdefault(key, []).append(s)
     units = []
     for members in groups.values():
-        p = _common_prefix(members) if len(members) > 1 else _input_len(members[0])
-        if len(members) == 1 or p == 0:
+        if len(members) == 1 or (p := _common_prefix(members)) == 0:
             units += [_Unit([m], _input_len(m)) for m in members]
             continue
         current = _Unit([], p)
@@ -245,6 +244,11 @@ def _micro_batch(units: list[_Unit], agg: str, device: torch.device) -> _MicroBa
         t(ids, torch.long), batch, t(rows, torch.long), t(targets, torch.long), t(lps, torch.float32),
         t(advs, torch.float32), t(weights, torch.float32),
     )  # fmt: skip
+
+
+def _completion_hidden(model: CausalLM, mb: _MicroBatch) -> torch.Tensor:  # [M, H]
+    """Final hidden states of the rows that predict completion tokens."""
+    return model.forward_hidden(mb.input_ids, mb.batch).index_select(0, mb.rows)
 
 
 def _denominator(sequences: list[Sequence], config: TrainConfig, ctx: DistContext = SINGLE) -> int:
@@ -300,11 +304,8 @@ def accumulate_gradients(
         with torch.no_grad():
             old = [
                 fused_linear_logprob(
-                    model.forward_hidden(mb.input_ids, mb.batch).index_select(0, mb.rows),
-                    weight,
-                    mb.targets,
-                    temperature=temperature,
-                )  # fmt: skip
+                    _completion_hidden(model, mb), weight, mb.targets, temperature=temperature
+                )
                 for mb in batches
             ]
         if loss_cfg.tis_cap is not None:
@@ -317,7 +318,7 @@ def accumulate_gradients(
     total_loss, num_tokens, gaps = 0.0, 0, []
     sums = {"clip_fraction": 0.0, "mean_ratio": 0.0, "approx_kl": 0.0}
     for mb, old_lp, isw in zip(batches, old, is_weights, strict=True):
-        hidden = model.forward_hidden(mb.input_ids, mb.batch).index_select(0, mb.rows)  # [M, H]
+        hidden = _completion_hidden(model, mb)
         loss, m = fused_grpo_loss(
             hidden, weight, mb.targets, old_lp, mb.advantages, torch.ones_like(mb.advantages),
             temperature=temperature, clip_low=loss_cfg.clip_low, clip_high=loss_cfg.clip_high,

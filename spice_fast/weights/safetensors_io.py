@@ -146,6 +146,11 @@ def fsync_tree(directory: Path) -> None:
         if path.is_file():
             with open(path, "rb") as f:
                 os.fsync(f.fileno())
+    fsync_dir(directory)
+
+
+def fsync_dir(directory: Path) -> None:
+    """Flush a directory's entries (a rename inside it) to disk."""
     fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(fd)
