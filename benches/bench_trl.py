@@ -6,7 +6,8 @@ the same random model:
 - naive: ``GRPOTrainer`` whose log-probabilities come from full ``[B, K, V]`` logits and ``log_softmax``
          (as TRL did before its fused head; the memory reference).
 - trl:   ``trl.GRPOTrainer`` as installed (trl >= 1.16 already has a chunked fused LM head of its own).
-- spice: ``spice_fast.integrations.trl.SpiceGRPOTrainer`` (``spice_fast.kernels.fused_linear_logprob``).
+- spice: ``spice_fast.integrations.trl.SpiceGRPOTrainer`` (``spice_fast.kernels.fused_linear_logprob`` for
+         the log-probabilities, ``spice_fast.kernels.policy_loss`` for the loss).
 The model is a randomly initialised Llama with SmolLM2-135M's shape (H 576, V 49152, tied embeddings)
 and fewer layers; the batch is left-padded prompts and right-padded completions of random lengths,
 swept over the completion length. Prints median time, peak extra memory, the ratios to TRL and each

@@ -1,8 +1,11 @@
 """spice_fast as a backend of other trainers: light imports, and the TRL integration
 (``spice_fast.integrations.trl``: the answer-matcher reward function in TRL's calling convention,
-``SpiceGRPOTrainer``'s per-token log-probabilities against TRL's own method, one training step).
+``SpiceGRPOTrainer``'s per-token log-probabilities against TRL's own method, its GRPO loss through
+``policy_loss`` against TRL's ``_compute_loss`` per loss type (value, parameter gradients, logged metrics,
+and the per-token gradient against TRL's loss in fp64), the configurations that fall back to TRL's loss,
+one training step).
 
-CPU, about 10 s. The TRL tests skip themselves when trl is not installed.
+CPU, about 40 s. The TRL tests skip themselves when trl is not installed.
 Run: python -m pytest -q tests/test_integrations.py
 """
 
@@ -12,7 +15,7 @@ import sys
 
 import pytest
 import torch
-from helpers import assert_close
+from helpers import assert_close, assert_error_rule
 from tiny_models import byte_tokenizer, hf_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -118,6 +121,16 @@ def count_kernel_calls(monkeypatch) -> list:
     calls = []
     real = integration.fused_linear_logprob
     monkeypatch.setattr(integration, "fused_linear_logprob", lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
+
+
+def count_loss_calls(monkeypatch) -> list:
+    """Counts the calls of spice_fast's policy_loss made through the integration."""
+    import spice_fast.integrations.trl as integration
+
+    calls = []
+    real = integration.policy_loss
+    monkeypatch.setattr(integration, "policy_loss", lambda *a, **k: calls.append(1) or real(*a, **k))
     return calls
 
 
@@ -235,6 +248,7 @@ def test_training_step_updates_parameters(tmp_path, monkeypatch):
     from spice_fast.integrations.trl import answer_reward
 
     calls = count_kernel_calls(monkeypatch)
+    loss_calls = count_loss_calls(monkeypatch)
 
     def distinct_bytes(completions, **kwargs):  # differs between the two samples, so advantages are non-zero
         return [float(len(set(c))) for c in completions]
@@ -253,7 +267,192 @@ def test_training_step_updates_parameters(tmp_path, monkeypatch):
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
     trainer.train()
     assert calls, "the training step did not go through spice_fast's kernel"
+    assert loss_calls, "the training step did not go through spice_fast's policy_loss"
     changed = [n for n, p in trainer.model.named_parameters() if not torch.equal(p.detach(), before[n])]
     assert len(changed) == len(before), sorted(set(before) - set(changed))
     logged = trainer.state.log_history[0]
     assert "rewards/answer_reward/mean" in logged and logged["grad_norm"] > 0
+    assert {"entropy", "clip_ratio/region_mean", "clip_ratio/high_max"} <= logged.keys()
+
+
+# ---------------------------------------------------------------- SpiceGRPOTrainer's loss
+
+
+def loss_inputs(trainer, seed: int = 0) -> dict:
+    """The keys TRL's ``_compute_loss`` reads, off-policy enough that both clip bounds bind."""
+    ids, mask, num_keep = padded_batch(trainer.model.config.vocab_size, seed)
+    with torch.no_grad():
+        logps, _, _ = trainer._get_per_token_logps_and_entropies(trainer.model, ids, mask, num_keep)
+    g = torch.Generator().manual_seed(seed + 1)
+    completion_mask = mask[:, -num_keep:]
+    # log(new / old) from -0.6 to 0.6 along each completion: ratios below 1 - eps and above 1 + eps
+    log_ratio = torch.linspace(-0.6, 0.6, num_keep) + 0.05 * torch.randn(logps.shape, generator=g)
+    return {
+        "prompt_ids": ids[:, :-num_keep],
+        "prompt_mask": mask[:, :-num_keep],
+        "completion_ids": ids[:, -num_keep:],
+        "completion_mask": completion_mask,
+        "advantages": torch.tensor([1.3, -0.7, 0.4]),
+        "num_items_in_batch": completion_mask.sum() * 2,  # the generation batch spans two micro-batches
+        "old_per_token_logps": logps - log_ratio,
+        "ref_per_token_logps": logps + 0.2 * torch.randn(logps.shape, generator=g),
+        "sampling_per_token_logps": logps + 0.2 * torch.randn(logps.shape, generator=g),
+        "importance_sampling_ratio": torch.exp(0.1 * torch.randn(logps.shape, generator=g)),
+    }
+
+
+def loss_grads_metrics(trainer, compute_loss, inputs, mode: str):
+    model = trainer.model
+    model.train(mode == "train")
+    model.zero_grad(set_to_none=True)
+    trainer._metrics[mode].clear()
+    loss = compute_loss(trainer, model, inputs)
+    loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+    return loss.detach(), grads, dict(trainer._metrics[mode])
+
+
+def loss_and_logp_grad(trainer, compute_loss, inputs, mode: str, dtype: torch.dtype):
+    """The loss and d loss / d logps on fixed log-probabilities of ``dtype`` (the model is bypassed)."""
+    ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
+    mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
+    num_keep = inputs["completion_ids"].size(1)
+    with torch.no_grad():
+        logps, entropies, _ = trainer._get_per_token_logps_and_entropies(
+            trainer.model, ids, mask, num_keep, compute_entropy=True
+        )
+    leaf = logps.to(dtype).requires_grad_()
+    cast = {k: v.to(dtype) if v.is_floating_point() else v for k, v in inputs.items()}
+    trainer.model.train(mode == "train")
+    trainer._get_per_token_logps_and_entropies = lambda *a, **k: (leaf, entropies.to(dtype), None)
+    try:
+        loss = compute_loss(trainer, trainer.model, cast)
+    finally:
+        del trainer._get_per_token_logps_and_entropies
+    loss.backward()
+    return loss.detach(), leaf.grad
+
+
+# name -> (GRPOConfig overrides, trainer attributes set after construction, train or eval). The loss reads
+# beta and the vLLM switches from the trainer; a config with beta != 0 would load a reference model by name.
+NO_KL_BIAS = dict(use_bias_correction_kl=False)
+SWAPPED_LOSSES = {
+    "grpo": (dict(loss_type="grpo"), {}, "train"),
+    "bnpo": (dict(loss_type="bnpo", epsilon_high=0.28), {}, "train"),
+    "dr_grpo": (dict(loss_type="dr_grpo", max_completion_length=16), {}, "train"),
+    "dapo": (dict(loss_type="dapo", epsilon_high=0.28, steps_per_generation=4), {}, "train"),
+    "dapo_eval": (dict(loss_type="dapo", steps_per_generation=4), {}, "eval"),
+    "grpo_eval": (dict(loss_type="grpo"), {}, "eval"),
+    "luspo_token": (dict(loss_type="luspo"), {}, "train"),
+    "grpo_kl": (dict(loss_type="grpo", epsilon_high=0.28, **NO_KL_BIAS), dict(beta=0.04), "train"),
+    "bnpo_kl": (dict(loss_type="bnpo", epsilon=0.1, **NO_KL_BIAS), dict(beta=0.1), "train"),
+    "dr_grpo_kl": (dict(loss_type="dr_grpo", epsilon_high=0.28, **NO_KL_BIAS), dict(beta=0.1), "train"),
+    "dapo_kl_masks_vllm": (
+        dict(
+            loss_type="dapo",
+            epsilon=0.15,
+            epsilon_high=0.3,
+            top_entropy_quantile=0.5,
+            off_policy_mask_threshold=0.01,
+            **NO_KL_BIAS,
+        ),
+        dict(beta=0.1, use_vllm=True, vllm_importance_sampling_correction=True),
+        "train",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(SWAPPED_LOSSES))
+def test_loss_equals_trl(case, tmp_path, monkeypatch):
+    """policy_loss computes the loss: value, gradients and logged metrics equal TRL's ``_compute_loss`` on
+    the same inputs (both read the log-probabilities from the same fused head, so only the loss differs)."""
+    pytest.importorskip("trl")
+    from trl import GRPOTrainer
+
+    overrides, attributes, mode = SWAPPED_LOSSES[case]
+    trainer = make_trainer(tmp_path, lambda completions, **kw: [0.0] * len(completions), **overrides)
+    trainer.current_gradient_accumulation_steps = 2  # set by Trainer.train(); TRL divides by it
+    for name, value in attributes.items():
+        setattr(trainer, name, value)
+    assert trainer.spice_loss_fallback_reason() is None
+    inputs = loss_inputs(trainer)
+    calls = count_loss_calls(monkeypatch)
+    ours = loss_grads_metrics(trainer, type(trainer)._compute_loss, inputs, mode)
+    assert len(calls) == 1
+    theirs = loss_grads_metrics(trainer, GRPOTrainer._compute_loss, inputs, mode)
+    assert len(calls) == 1
+
+    # fp32: the two differ in the rounding of the per-token gradient (checked against fp64 below), which the
+    # model's backward then sums with cancellation; so the parameter gradients are compared as one vector.
+    assert abs(ours[0].item() - theirs[0].item()) <= 1e-6 * abs(theirs[0].item()), (ours[0], theirs[0])
+    assert all(g.abs().max() > 0 for g in theirs[1].values()), "a parameter got no gradient"
+    diff = torch.cat([(ours[1][n] - g).flatten() for n, g in theirs[1].items()])
+    full = torch.cat([g.flatten() for g in theirs[1].values()])
+    assert diff.norm() <= 1e-6 * full.norm(), f"gradient differs by {(diff.norm() / full.norm()).item():.2e}"
+    assert ours[2] == theirs[2]  # computed by TRL's definitions from the same detached tensors
+    assert theirs[2]["clip_ratio/low_mean"][0] > 0 and theirs[2]["clip_ratio/high_mean"][0] > 0
+
+    # per token, against TRL's loss in fp64 on the same log-probabilities (STYLE.md's error rule)
+    exact = loss_and_logp_grad(trainer, GRPOTrainer._compute_loss, inputs, mode, torch.float64)
+    trl32 = loss_and_logp_grad(trainer, GRPOTrainer._compute_loss, inputs, mode, torch.float32)
+    ours32 = loss_and_logp_grad(trainer, type(trainer)._compute_loss, inputs, mode, torch.float32)
+    assert len(calls) == 2
+    assert_error_rule(ours32[0], trl32[0], exact[0], tiny=1e-7 * exact[0].abs().item(), name="loss")
+    tiny = 1e-7 * exact[1].abs().max().item()
+    assert_error_rule(ours32[1], trl32[1], exact[1], tiny=tiny, name="d loss / d logps")
+
+
+# name -> (GRPOConfig overrides, trainer attributes set after construction, the reason's expected text)
+FALLBACK_LOSSES = {
+    "delta": (dict(loss_type="grpo", delta=1.5), {}, "delta"),
+    "bias_corrected_kl": (dict(loss_type="dapo"), dict(beta=0.04), "use_bias_correction_kl"),
+    "cispo": (dict(loss_type="cispo", epsilon_high=5.0), {}, "cispo"),
+    "sapo": (dict(loss_type="sapo"), {}, "sapo"),
+    "gspo": (dict(loss_type="grpo", importance_sampling_level="sequence"), {}, "importance_sampling"),
+    "entropy_bonus": (dict(loss_type="dapo", entropy_coef=0.01), {}, "entropy bonus"),
+}
+
+
+@pytest.mark.parametrize("case", list(FALLBACK_LOSSES))
+def test_unsupported_loss_falls_back_to_trl(case, tmp_path, monkeypatch, caplog):
+    pytest.importorskip("trl")
+    from trl import GRPOTrainer
+
+    overrides, attributes, reason = FALLBACK_LOSSES[case]
+    trainer = make_trainer(tmp_path, lambda completions, **kw: [0.0] * len(completions), **overrides)
+    trainer.current_gradient_accumulation_steps = 1
+    for name, value in attributes.items():
+        setattr(trainer, name, value)
+    inputs = loss_inputs(trainer)
+    calls = count_loss_calls(monkeypatch)
+    with caplog.at_level("WARNING", logger="spice_fast.integrations.trl"):
+        type(trainer)._compute_loss(trainer, trainer.model, inputs)
+        ours = loss_grads_metrics(trainer, type(trainer)._compute_loss, inputs, "train")  # logs nothing more
+    theirs = loss_grads_metrics(trainer, GRPOTrainer._compute_loss, inputs, "train")
+    assert not calls
+    said = [r.getMessage() for r in caplog.records if "TRL's GRPO loss" in r.getMessage()]
+    assert len(said) == 1 and reason in said[0], said
+    assert torch.equal(ours[0], theirs[0])
+    for name, grad in theirs[1].items():
+        assert torch.equal(ours[1][name], grad), name
+    assert ours[2] == theirs[2]
+
+
+def test_spice_loss_opt_out(tmp_path, monkeypatch, caplog):
+    pytest.importorskip("trl")
+    from spice_fast.integrations.trl import SpiceGRPOTrainer
+
+    trainer = make_trainer(tmp_path, lambda completions, **kw: [0.0] * len(completions))
+    trainer.current_gradient_accumulation_steps = 1
+    inputs = loss_inputs(trainer)
+    calls = count_loss_calls(monkeypatch)
+    trainer.spice_loss = False
+    with caplog.at_level("WARNING", logger="spice_fast.integrations.trl"):
+        theirs = loss_grads_metrics(trainer, SpiceGRPOTrainer._compute_loss, inputs, "train")
+    assert not calls and not caplog.records
+    trainer.spice_loss = True
+    ours = loss_grads_metrics(trainer, SpiceGRPOTrainer._compute_loss, inputs, "train")
+    assert len(calls) == 1
+    assert abs(ours[0].item() - theirs[0].item()) <= 1e-6 * abs(theirs[0].item())
+    with pytest.raises(TypeError, match="spice_loss"):
+        SpiceGRPOTrainer(model=trainer.model, reward_funcs=[], args=trainer.args, spice_loss="no")

@@ -13,8 +13,8 @@ trainer.train()
 1.0 when a completion's final answer matches the row's gold answer, 0.0 when not, ``None`` (TRL: not
 applicable) when the row has no gold answer. ``trl.GRPOTrainer(reward_funcs=answer_reward)`` works too.
 
-``SpiceGRPOTrainer`` is ``trl.GRPOTrainer`` with one method replaced,
-``_get_per_token_logps_and_entropies``: the log-probabilities (and entropies) of the completion tokens
+``SpiceGRPOTrainer`` is ``trl.GRPOTrainer`` with two methods replaced. In
+``_get_per_token_logps_and_entropies`` the log-probabilities (and entropies) of the completion tokens
 come from ``spice_fast.kernels.fused_linear_logprob`` on the model body's final hidden states, so no
 ``[B, T, V]`` logits tensor is built and only completion tokens (not prompt or padding) go through the
 vocabulary GEMM. It is equivalent to TRL's method: the same temperature, the same ``logits_to_keep``
@@ -28,12 +28,26 @@ Multimodal inputs and MoE auxiliary losses fall back to TRL's method, said once 
 logits are scaled or soft-capped, LM heads with a bias or a PEFT adapter, and DeepSpeed ZeRO-3 are refused
 with a ``ValueError`` rather than computed differently.
 
-TRL's GRPO loss is left as it is. ``spice_fast.kernels.policy_loss`` computes the same clipped
-objective for ``loss_type`` "grpo" / "bnpo" / "dr_grpo", but TRL's loss also carries DAPO's global token
-normaliser, sequence-level importance sampling, two-sided clipping (``delta``), entropy masks and
-bonuses, off-policy masks and vLLM importance weights; the loss is elementwise over ``[B, T]`` and
-costs nothing next to the vocabulary GEMMs, so a swap would save no measurable time and could only
-make some configuration differ.
+The GRPO loss goes through ``spice_fast.kernels.policy_loss`` too (``_compute_loss`` is replaced): the
+per-token clipped objective, the k3 KL term and the analytic gradient come from the kernel, and the same
+metrics as TRL's are logged under the same names (``kl``, ``entropy``, ``clip_ratio/*``), computed from the
+detached ratios as TRL computes them. ``loss_type`` maps onto ``policy_loss``'s aggregations, with TRL's
+normalisers: "grpo" -> ``seq_mean_token_mean``, "bnpo" -> ``token_mean``, "dr_grpo" -> ``drgrpo`` over
+``max_completion_length``, "dapo" -> the token sum over TRL's global ``num_items_in_batch`` normaliser, and
+"luspo" (token-level ratios only) -> the token sum averaged over sequences; each is divided for gradient
+accumulation as TRL divides it. ``epsilon`` / ``epsilon_high`` are the clip bounds, ``beta`` the KL
+coefficient; the off-policy sequence mask (``off_policy_mask_threshold``), the high-entropy token mask
+(``top_entropy_quantile``) and vLLM's importance-sampling ratios multiply the clipped term only, as in TRL,
+so they travel as ``policy_loss``'s ``is_weights``. The loss and its gradient equal TRL's to fp32 rounding.
+The loss is elementwise over ``[B, K]``: next to the vocabulary GEMMs the swap saves little time.
+TRL's own loss runs, said once in the log with the reason, for what ``policy_loss`` cannot express:
+``loss_type`` "cispo" / "sapo" / "vespo", sequence-level importance sampling
+(``importance_sampling_level="sequence"``, so "luspo" as its paper sets it), two-sided clipping
+(``delta``), a KL term weighted by the ratio (``use_bias_correction_kl=True``, TRL's default, with
+``beta != 0``: set it to False to swap a KL-regularised loss), an entropy bonus (``entropy_coef`` /
+``use_adaptive_entropy``), MoE router auxiliary losses, and ``epsilon`` outside ``[0, 1)``.
+``SpiceGRPOTrainer(..., spice_loss=False)`` keeps TRL's loss for every configuration (the log-probabilities
+still come from the fused head).
 
 Tests: ``pytest tests/test_integrations.py``; benchmark: ``python benches/bench_trl.py``.
 """
@@ -56,8 +70,9 @@ from accelerate.utils import is_peft_model
 from packaging.version import Version
 from torch.distributed.tensor import DTensor
 from trl.extras.profiling import profiling_decorator
+from trl.trainer.utils import nanmax, nanmin
 
-from spice_fast.kernels import fused_linear_logprob
+from spice_fast.kernels import fused_linear_logprob, policy_loss
 from spice_fast.match import extract_answer
 from spice_fast.match import reward_fn as _match_reward_fn
 
@@ -71,6 +86,23 @@ log = logging.getLogger(__name__)
 
 # Config fields that rescale or soft-cap the logits before the softmax; the fused head does neither.
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier")
+
+# TRL's loss types whose per-token term is -min(r A, clip(r, 1 - eps_low, 1 + eps_high) A) (+ beta * k3).
+_CLIPPED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
+
+# The inputs TRL's _compute_loss forwards to _get_per_token_logps_and_entropies besides the token ids.
+_MULTIMODAL_KEYS = (
+    "pixel_values",
+    "image_grid_thw",
+    "num_images",
+    "pixel_attention_mask",
+    "spatial_shapes",
+    "num_tiles",
+    "image_sizes",
+    "token_type_ids",
+    "mm_token_type_ids",
+    "image_position_ids",
+)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -264,17 +296,21 @@ def add_spice_lm_head(model: torch.nn.Module, *, cast_lm_head_to_fp32: bool = Fa
 
 
 class SpiceGRPOTrainer(GRPOTrainer):
-    """``trl.GRPOTrainer`` whose per-token log-probabilities come from ``spice_fast.kernels``.
+    """``trl.GRPOTrainer`` whose per-token log-probabilities and GRPO loss come from ``spice_fast.kernels``.
 
-    Same constructor and behaviour as ``GRPOTrainer``; see the module docstring for what changes and
-    what is refused.
+    Same constructor and behaviour as ``GRPOTrainer``, plus ``spice_loss`` (default True): False keeps
+    TRL's loss. See the module docstring for what changes, what falls back and what is refused.
     """
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, spice_loss: bool = True, **kwargs):
         from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
         if is_deepspeed_zero3_enabled():
             raise ValueError("SpiceGRPOTrainer: DeepSpeed ZeRO-3 is not supported (use trl.GRPOTrainer)")
+        if not isinstance(spice_loss, bool):
+            raise TypeError(f"spice_loss: expected a bool, got {type(spice_loss).__name__}")
+        self.spice_loss = spice_loss
+        self._spice_loss_fallback_logged = False
         super().__init__(*args, **kwargs)
         cast = bool(self.args.cast_lm_head_to_fp32)
         policy = self.model.get_base_model() if is_peft_model(self.model) else self.model
@@ -331,6 +367,128 @@ class SpiceGRPOTrainer(GRPOTrainer):
         logps = torch.cat(all_logps, dim=0)
         entropies = torch.cat(all_entropies, dim=0) if compute_entropy else None
         return logps, entropies, None
+
+    def spice_loss_fallback_reason(self) -> str | None:
+        """Why this configuration's loss is TRL's rather than ``policy_loss``'s; None when it is swapped."""
+        if not self.spice_loss:
+            return "spice_loss=False"
+        if self.loss_type not in _CLIPPED_LOSS_TYPES:
+            return f"loss_type={self.loss_type!r} is not the clipped objective policy_loss computes"
+        if self.importance_sampling_level != "token":
+            level = self.importance_sampling_level
+            return f"importance_sampling_level={level!r} (policy_loss takes per-token ratios)"
+        if self.args.delta is not None:
+            return f"delta={self.args.delta} (two-sided clipping)"
+        if self.beta != 0.0 and self.args.use_bias_correction_kl:
+            return "use_bias_correction_kl=True with beta != 0 (a KL term weighted by the ratio)"
+        if self._entropy_bonus_enabled:
+            return "an entropy bonus (entropy_coef / use_adaptive_entropy)"
+        if self.aux_loss_enabled:
+            return "a MoE router auxiliary loss"
+        if not (0.0 <= self.epsilon_low < 1.0 and self.epsilon_high >= 0.0):
+            eps = (self.epsilon_low, self.epsilon_high)
+            return f"epsilon={eps[0]}, epsilon_high={eps[1]} (policy_loss needs [0, 1) and >= 0)"
+        return None
+
+    def _compute_loss(self, model, inputs):
+        reason = self.spice_loss_fallback_reason()
+        if reason is not None:
+            if self.spice_loss and not self._spice_loss_fallback_logged:
+                log.warning("SpiceGRPOTrainer: %s, using TRL's GRPO loss", reason)
+                self._spice_loss_fallback_logged = True
+            return super()._compute_loss(model, inputs)
+
+        prompt_ids, prompt_mask = inputs["prompt_ids"], inputs["prompt_mask"]
+        completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
+        mask = completion_mask  # [B, K]
+        if "tool_mask" in inputs:
+            mask = completion_mask * inputs["tool_mask"]
+        logps, entropies, _ = self._get_per_token_logps_and_entropies(
+            model,
+            torch.cat([prompt_ids, completion_ids], dim=1),
+            torch.cat([prompt_mask, completion_mask], dim=1),
+            completion_ids.size(1),
+            compute_entropy=True,
+            **{key: inputs.get(key) for key in _MULTIMODAL_KEYS},
+        )  # [B, K], [B, K]
+        advantages = inputs["advantages"]  # [B] or [B, K]
+        advantages_2d = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages  # [B, 1 | K]
+        old = inputs.get("old_per_token_logps")
+        old = logps.detach() if old is None else old  # [B, K]
+
+        # TRL multiplies the clipped term (not the KL term) by these; all are constants for autograd.
+        weights = []
+        if self.top_entropy_quantile < 1.0:
+            weights.append(self.get_high_entropy_mask(entropies, mask, 1 - self.top_entropy_quantile))
+        if self.off_policy_mask_threshold is not None:
+            sampling_logps = inputs.get("sampling_per_token_logps", old)
+            threshold = self.off_policy_mask_threshold
+            weights.append(self.get_off_policy_mask(advantages_2d, logps, sampling_logps, mask, threshold))
+        if self.use_vllm and self.vllm_importance_sampling_correction:
+            weights.append(inputs["importance_sampling_ratio"])  # [B, K] or [B, 1]
+        is_weights = None
+        if weights:
+            is_weights = functools.reduce(torch.mul, [w.float() for w in weights]).expand(logps.shape)
+
+        mode = "train" if self.model.training else "eval"
+        # TRL divides for gradient accumulation in training only (eval batches are not accumulated)
+        accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1.0
+        num_seqs = logps.size(0)
+        if self.loss_type == "grpo":
+            agg, max_new_tokens, scale = "seq_mean_token_mean", None, 1.0 / accumulation
+        elif self.loss_type == "bnpo":
+            agg, max_new_tokens, scale = "token_mean", None, 1.0 / accumulation
+        elif self.loss_type == "dr_grpo":
+            agg, max_new_tokens, scale = "drgrpo", self.max_completion_length, 1.0 / accumulation
+        elif self.loss_type == "luspo":  # token sum per sequence, mean over sequences
+            agg, max_new_tokens, scale = "drgrpo", 1, 1.0 / accumulation
+        else:  # dapo: token sum over the global token count of one accumulation window
+            normalizer = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
+            if mode == "train":
+                normalizer = normalizer * accumulation / self.args.steps_per_generation
+            agg, max_new_tokens, scale = "drgrpo", 1, num_seqs / normalizer
+        ref = inputs["ref_per_token_logps"] if self.beta != 0.0 else None
+        loss, _ = policy_loss(
+            logps,
+            old,
+            advantages if advantages.dim() == 1 else advantages.expand(logps.shape),
+            mask,
+            clip_low=self.epsilon_low,
+            clip_high=self.epsilon_high,
+            ref_logprobs=ref,
+            kl_coef=self.beta,
+            agg=agg,
+            max_new_tokens=max_new_tokens,
+            is_weights=is_weights,
+        )
+        loss = loss * scale
+        with torch.no_grad():
+            self._log_loss_metrics(mode, logps.detach(), old, ref, entropies.detach(), advantages_2d, mask)
+        return loss
+
+    def _log_loss_metrics(self, mode, logps, old, ref, entropies, advantages, mask) -> None:
+        """TRL's loss metrics for the clipped loss types, by TRL's definitions (global over processes)."""
+        metrics = self._metrics[mode]
+
+        def global_masked_mean(x):
+            local = torch.stack([(x * mask).sum(), mask.sum().float()])
+            totals = self.accelerator.reduce(local, reduction="sum")
+            return (totals[0] / totals[1].clamp(min=1.0)).item()
+
+        def masked_seq_mean(x):  # NaN for a sequence without tokens; nanmin / nanmax skip it
+            return (x * mask).sum(-1) / mask.sum(-1)
+
+        if ref is not None:
+            metrics["kl"].append(global_masked_mean(torch.exp(ref - logps) - (ref - logps) - 1))
+        metrics["entropy"].append(global_masked_mean(entropies))
+        ratio = torch.exp(logps - old)  # [B, K]
+        low = ((ratio < 1 - self.epsilon_low) & (advantages < 0)).float()
+        high = ((ratio > 1 + self.epsilon_high) & (advantages > 0)).float()
+        metrics["clip_ratio/low_mean"].append(global_masked_mean(low))
+        metrics["clip_ratio/high_mean"].append(global_masked_mean(high))
+        metrics["clip_ratio/region_mean"].append(global_masked_mean(torch.maximum(low, high)))
+        metrics["clip_ratio/low_min"].append(nanmin(self.accelerator.gather(masked_seq_mean(low))).item())
+        metrics["clip_ratio/high_max"].append(nanmax(self.accelerator.gather(masked_seq_mean(high))).item())
 
 
 __all__ = ["SpiceGRPOTrainer", "add_spice_lm_head", "answer_reward", "completion_logprobs"]
