@@ -11,6 +11,7 @@ from setuptools import find_packages, setup
 
 EXTENSIONS: list[tuple[str, list[str]]] = [
     ("spice_fast._matcher", glob("csrc/matcher/*.cpp") + ["csrc/bindings.cpp"]),
+    ("spice_fast._cpu_attention", glob("csrc/attention/*.cpp")),
 ]
 
 

@@ -4,9 +4,11 @@ One decode step (one query token per sequence) over a sweep of context lengths, 
 * ``triton``: ``spice_fast.kernels.paged_attention.paged_decode_attention`` (block size 16 pages),
 * ``flash``: flash-attn's ``flash_attn_with_kvcache`` with a block table (pages of 256, its minimum),
 * ``sdpa``: PyTorch SDPA over contiguous per-sequence K/V (no paging: the unpaged ceiling),
-* ``torch ref``: the gather + SDPA reference (what the CPU runs).
+* ``torch ref``: the gather + SDPA reference,
+* ``c++``: ``paged_decode_attention_cpu``, the C++ kernel reading the blocks in place (CPU only; what
+  the engine runs there).
 Reports microseconds, the ratio against SDPA and the achieved KV read bandwidth (GB/s) against the
-device's HBM peak. On a CPU only the reference and SDPA run.
+device's HBM peak. On a CPU the reference, the C++ kernel and SDPA run.
 
     python benches/bench_paged_attention.py --batch 64 --ctx 512,2048,8192
 """
@@ -22,7 +24,11 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import print_json, print_table, time_fn  # noqa: E402
-from spice_fast.kernels.paged_attention import paged_decode_attention, paged_decode_attention_ref  # noqa: E402
+from spice_fast.kernels.paged_attention import (  # noqa: E402
+    paged_decode_attention,
+    paged_decode_attention_cpu,
+    paged_decode_attention_ref,
+)
 
 HBM_PEAK_BYTES = {"H200": 4.8e12, "H100": 3.35e12, "A100": 2.0e12, "L40S": 0.864e12}
 
@@ -51,6 +57,8 @@ def implementations(q, k, v, lens, scale, flash_attn_with_kvcache) -> dict:
         ),
         "torch ref": lambda: paged_decode_attention_ref(q, k16, v16, t16, lens, scale),
     }
+    if not q.is_cuda:
+        fns["c++"] = lambda: paged_decode_attention_cpu(q, k16, v16, t16, lens, scale)
     if q.is_cuda:
         fns["triton"] = lambda: paged_decode_attention(q, k16, v16, t16, lens, scale)
         if flash_attn_with_kvcache is not None:

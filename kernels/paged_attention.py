@@ -6,6 +6,11 @@ new token's K/V are already written.
 
 * ``paged_decode_attention_ref``: the definition of correct. Gather the blocks, mask past
   ``context_lens``, run SDPA: exactly causal attention of the last token over its sequence.
+* ``paged_decode_attention_cpu``: a C++ kernel (``csrc/attention``, module
+  ``spice_fast._cpu_attention``) for float32 / bfloat16 CPU tensors. It reads the blocks in place
+  (the reference copies every block of every sequence, every layer, every step), handles the grouped
+  query heads of a KV head together with an fp32 online softmax, and runs over torch's intra-op
+  thread count. Falls back to the reference where the extension is not built.
 * ``paged_decode_attention``: the launcher. Triton on CUDA tensors (or on CPU tensors under
   ``TRITON_INTERPRET=1`` when forced), the reference otherwise. One program per (sequence, KV head,
   split of the KV length): the grouped query heads of a KV head are handled together, so each K/V
@@ -51,6 +56,51 @@ def paged_decode_attention_ref(
         enable_gqa=num_heads != num_kv_heads,
     )  # [B, num_heads, 1, D]
     return out.squeeze(2)
+
+
+_cpu_ext: list = []  # [module or None], filled on first use
+
+
+def cpu_kernel_available() -> bool:
+    """Whether the C++ CPU decode kernel is built (it is part of ``pip install .``)."""
+    if not _cpu_ext:
+        try:
+            from spice_fast import _cpu_attention
+        except ImportError:
+            _cpu_attention = None
+        _cpu_ext.append(_cpu_attention)
+    return _cpu_ext[0] is not None
+
+
+def paged_decode_attention_cpu(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:  # [B, num_heads, head_dim], q's dtype
+    """The C++ kernel on CPU tensors; the reference for other dtypes or when it is not built."""
+    _check(q, k_cache, v_cache, block_tables, context_lens)
+    if q.is_cuda or k_cache.is_cuda:
+        raise ValueError(f"paged_decode_attention_cpu takes CPU tensors, got q on {q.device}")
+    dtype = k_cache.dtype
+    if not cpu_kernel_available() or dtype not in (torch.float32, torch.bfloat16) or v_cache.dtype != dtype:
+        return paged_decode_attention_ref(q, k_cache, v_cache, block_tables, context_lens, scale)
+    if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
+        raise ValueError("paged_decode_attention_cpu needs contiguous k_cache and v_cache")
+    num_seqs, num_heads, head_dim = q.shape
+    num_blocks, block_size, num_kv_heads, _ = k_cache.shape
+    q = q.to(dtype).contiguous()
+    tables = block_tables.to(torch.int32).contiguous()
+    lens = context_lens.to(torch.int32).contiguous()
+    out = torch.empty(q.shape, dtype=torch.float32)
+    _cpu_ext[0].paged_decode(
+        out.data_ptr(), q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), tables.data_ptr(),
+        lens.data_ptr(), num_seqs, num_heads, num_kv_heads, head_dim, num_blocks, block_size,
+        tables.shape[1], tables.stride(0), scale, 0 if dtype == torch.float32 else 1, torch.get_num_threads(),
+    )  # fmt: skip
+    return out.to(dtype)
 
 
 def _check(q, k_cache, v_cache, block_tables, context_lens) -> None:

@@ -204,6 +204,34 @@ def test_sampler_frequencies_follow_the_distribution():
         assert_close(logprobs, full[tokens], atol=1e-6)
 
 
+def test_sampler_two_level_search_over_a_large_vocabulary():
+    """Vocabulary of several search chunks plus a ragged tail: frequencies follow the distribution,
+    filtered tokens are never drawn, and greedy rows mixed with sampled rows take the argmax."""
+    from spice_fast.engine.sampling import _CHUNK, row_key, sample_tokens
+
+    vocab = 2 * _CHUNK + 37
+    logits = torch.full((vocab,), -8.0)
+    hot = torch.tensor([0, _CHUNK - 1, _CHUNK, 2 * _CHUNK + 36, 1500])  # chunk edges and the tail
+    logits[hot] = torch.tensor([1.0, 2.0, 0.5, 1.5, 0.0])
+    rows = 6000
+    keys = [row_key(3, 1, i) for i in range(rows)]
+    for top_k, temperature in [(0, 1.0), (4, 1.0), (0, 0.7)]:
+        expected = torch.softmax(logits / temperature, dim=-1)
+        if top_k:
+            expected[expected.argsort(descending=True)[top_k:]] = 0
+            expected /= expected.sum()
+        tokens, _ = sample_tokens(logits.expand(rows, -1), [temperature] * rows, [1.0] * rows,
+                                  [top_k] * rows, keys)  # fmt: skip
+        freq = torch.bincount(tokens, minlength=vocab).double() / rows
+        assert_close(freq[hot], expected[hot].double(), atol=0.02, name=f"k={top_k} T={temperature}")
+        if top_k:
+            assert set(tokens.tolist()) <= set(expected.nonzero().flatten().tolist())
+    temps = [0.0, 1.0] * 50
+    tokens, logprobs = sample_tokens(logits.expand(100, -1), temps, [1.0] * 100, [0] * 100, keys[:100])
+    assert (tokens[::2] == _CHUNK - 1).all()
+    assert_close(logprobs, torch.log_softmax(logits, -1)[tokens], atol=1e-5)
+
+
 def test_prefix_cache_reuses_a_shared_document_across_requests():
     """Requests that start with the same blocks (one document, several answer types) prefill the
     document once; tokens and logprobs equal those of an engine without the cache and a full forward."""

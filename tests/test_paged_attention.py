@@ -1,4 +1,5 @@
-"""The Triton paged decode-attention kernel (and flash-attn on a GPU) against the torch reference.
+"""The paged decode-attention kernels (Triton, the C++ CPU kernel, flash-attn on a GPU) against the
+torch reference.
 
 Odd shapes: block tables with holes (scattered blocks, garbage past the context), context lengths
 1, 15, 16, 17, 300, GQA ratios 1, 4, 7, head_dim not a power of two, one and several KV splits.
@@ -8,7 +9,12 @@ import pytest
 import torch
 from helpers import assert_close, assert_error_rule
 from spice_fast.kernels._utils import interpreter_ready, triton_available
-from spice_fast.kernels.paged_attention import paged_decode_attention, paged_decode_attention_ref
+from spice_fast.kernels.paged_attention import (
+    cpu_kernel_available,
+    paged_decode_attention,
+    paged_decode_attention_cpu,
+    paged_decode_attention_ref,
+)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 needs_triton = pytest.mark.skipif(
@@ -102,6 +108,90 @@ def test_shape_errors_name_the_shapes():
         paged_decode_attention_ref(q[:, :3], k, v, tables, ctx, 1.0)
     with pytest.raises(ValueError, match="do not match"):
         paged_decode_attention_ref(q, k, v, tables, ctx.repeat(2), 1.0)
+
+
+def test_cpu_kernel_is_built():
+    """`pip install .` builds spice_fast._cpu_attention; without it the CPU engine silently slows down."""
+    assert cpu_kernel_available()
+
+
+@pytest.mark.parametrize("group", [1, 4, 7])
+@pytest.mark.parametrize("block_size", [16, 5])
+@pytest.mark.parametrize("threads", [1, 3])
+def test_cpu_kernel_matches_reference_fp32(group, block_size, threads):
+    lens = [1, 15, 16, 17, 300, 2]
+    q, k, v, tables, ctx = make_case(
+        lens, num_kv_heads=2, group=group, head_dim=24, block_size=block_size, dtype=torch.float32
+    )
+    q, k, v, tables, ctx = (t.cpu() for t in (q, k, v, tables, ctx))
+    scale = 24**-0.5
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = paged_decode_attention_cpu(q, k, v, tables, ctx, scale)
+    finally:
+        torch.set_num_threads(before)
+    assert got.dtype == torch.float32
+    exact = reference(q.double(), k.double(), v.double(), tables, ctx, scale)
+    assert_error_rule(got, reference(q, k, v, tables, ctx, scale), exact, tiny=1e-6)
+
+
+def test_cpu_kernel_bf16_error_rule():
+    lens = [1, 17, 300, 16, 64]
+    q, k, v, tables, ctx = make_case(lens, num_kv_heads=3, group=3, head_dim=64, block_size=16,
+                                     dtype=torch.bfloat16, seed=1)  # fmt: skip
+    q, k, v, tables, ctx = (t.cpu() for t in (q, k, v, tables, ctx))
+    got = paged_decode_attention_cpu(q, k, v, tables, ctx, 0.125)
+    assert got.dtype == torch.bfloat16
+    exact = reference(q.double(), k.double(), v.double(), tables, ctx, 0.125)
+    assert_error_rule(got, reference(q, k, v, tables, ctx, 0.125), exact, tiny=1e-3)
+
+
+def test_cpu_kernel_extreme_scores_stay_finite():
+    """Scores far apart (a peaked softmax) and all strongly negative: no NaN, the reference's values."""
+    q, k, v, tables, ctx = (t.cpu() for t in make_case(
+        [40, 3], num_kv_heads=1, group=2, head_dim=16, block_size=4, dtype=torch.float32, seed=2
+    ))  # fmt: skip
+    for scale in (40.0, -40.0):
+        got = paged_decode_attention_cpu(q, k, v, tables, ctx, scale)
+        assert torch.isfinite(got).all()
+        exact = reference(q.double(), k.double(), v.double(), tables, ctx, scale)
+        assert_close(got.double(), exact, atol=1e-5, rtol=1e-5)
+
+
+def test_cpu_kernel_rejects_bad_tables_and_devices():
+    q, k, v, tables, ctx = (t.cpu() for t in make_case(
+        [9, 20], num_kv_heads=2, group=2, head_dim=8, block_size=4, dtype=torch.float32
+    ))  # fmt: skip
+    bad = tables.clone()
+    bad[1, 2] = k.shape[0]  # inside the context of sequence 1: must be checked, not read
+    with pytest.raises(ValueError, match=rf"block_tables\[1, 2\] = {k.shape[0]} is outside the pool"):
+        paged_decode_attention_cpu(q, k, v, bad, ctx, 1.0)
+    with pytest.raises(ValueError, match=r"context_lens\[0\] = 40 needs more blocks"):
+        paged_decode_attention_cpu(q, k, v, tables, torch.tensor([40, 20], dtype=torch.int32), 1.0)
+    with pytest.raises(ValueError, match="multiple of num_kv_heads"):
+        paged_decode_attention_cpu(q[:, :3], k, v, tables, ctx, 1.0)
+
+
+def test_engine_with_cpu_kernel_equals_reference_path():
+    """End to end: the engine's greedy tokens and logprobs do not change with the C++ decode kernel."""
+    from tiny_models import hf_model, ours_from_hf
+
+    from spice_fast.engine import Engine, SamplingParams
+    from spice_fast.model import set_attention_backend
+
+    model = ours_from_hf(hf_model("qwen3", tied=False))
+    params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+    prompts = [[5, 9, 200, 31, 7], [44] * 19, list(range(3, 40))]
+    got = Engine(model, block_size=8).generate(prompts, params)
+    set_attention_backend("torch")
+    try:
+        expected = Engine(model, block_size=8).generate(prompts, params)
+    finally:
+        set_attention_backend("auto")
+    for a, b in zip(got, expected, strict=True):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        assert_close(torch.tensor(a.outputs[0].logprobs), torch.tensor(b.outputs[0].logprobs), atol=1e-5)
 
 
 @needs_triton

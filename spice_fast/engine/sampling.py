@@ -5,7 +5,8 @@ position) and inverts the CDF of its (filtered) distribution. So a seeded reques
 tokens whatever else is in the batch, and a preempted sequence that is recomputed draws the same
 tokens again. One uniform per row, rather than Gumbel noise over the whole vocabulary: on a 2-core
 CPU, keyed Gumbel noise for 64 rows x 49k tokens cost 90-450 ms per decode step, more than the
-model's own GEMMs; the inverse CDF costs one softmax and one cumulative sum.
+model's own GEMMs; the inverse CDF costs one exp pass and a two-level search (chunk sums, then a
+cumulative sum over one chunk), with no division when T = 1 and no argmax without greedy rows.
 
 The returned logprob is ``log_softmax(logits / T)`` over the full vocabulary at the chosen token
 (not renormalised by top-k / top-p), the quantity the trainer recomputes. Greedy rows (T = 0) report
@@ -45,25 +46,58 @@ def sample_tokens(
     keys: list[int],
 ) -> tuple[torch.Tensor, torch.Tensor]:  # tokens [B] int64, logprobs [B] float32
     device = logits.device
-    greedy = torch.tensor([t == 0 for t in temperatures], device=device)
-    temps = torch.tensor([t if t > 0 else 1.0 for t in temperatures], dtype=torch.float32, device=device)
-    scaled = logits.float() / temps[:, None]
-    logprobs_all = torch.log_softmax(scaled, dim=-1)
-    filtered = scaled
-    if any(k > 0 for k in top_ks) or any(p < 1.0 for p in top_ps):
-        filtered = _top_k_top_p(scaled, top_ks, top_ps)
-    if bool(greedy.all()):
+    scaled = logits.float()
+    if any(t not in (0.0, 1.0) for t in temperatures):
+        temps = torch.tensor([t if t > 0 else 1.0 for t in temperatures], dtype=torch.float32, device=device)
+        scaled = scaled / temps[:, None]
+    lse = torch.logsumexp(scaled, dim=-1, keepdim=True)  # [B, 1]
+    greedy = [t == 0 for t in temperatures]
+    if all(greedy):
         tokens = logits.argmax(dim=-1)
     else:
-        probs = logprobs_all.exp() if filtered is scaled else torch.softmax(filtered, dim=-1)
-        cdf = probs.cumsum(dim=-1)  # [B, V]
-        total = cdf[:, -1:]
+        if any(k > 0 for k in top_ks) or any(p < 1.0 for p in top_ps):
+            probs = torch.softmax(_top_k_top_p(scaled, top_ks, top_ps), dim=-1)
+        else:
+            probs = torch.sub(scaled, lse).exp_()
         u = torch.tensor([key_uniform(k) for k in keys], dtype=torch.float32, device=device)[:, None]
-        # Strictly below the total, so the search never runs past the last token with mass.
-        target = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))
-        sampled = torch.searchsorted(cdf, target, right=True).squeeze(1).clamp_max(logits.shape[-1] - 1)
-        tokens = torch.where(greedy, logits.argmax(dim=-1), sampled)
-    return tokens, logprobs_all.gather(1, tokens[:, None]).squeeze(1)
+        tokens = _inverse_cdf(probs, u)
+        if any(greedy):
+            tokens = torch.where(torch.tensor(greedy, device=device), logits.argmax(dim=-1), tokens)
+    return tokens, (scaled.gather(1, tokens[:, None]) - lse).squeeze(1)
+
+
+_CHUNK = 1024  # vocabulary columns per chunk of the two-level inverse-CDF search
+
+
+def _inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Per row, the token where the cumulative mass first exceeds ``u`` times the row's total mass.
+
+    Two levels, so no ``[B, V]`` cumulative sum is built: chunk sums and their cumulative sum pick the
+    chunk, then a cumulative sum over that one chunk picks the token. The pick always has mass > 0.
+    """
+    rows, vocab = probs.shape
+    full = vocab // _CHUNK * _CHUNK
+    sums = [probs[:, :full].reshape(rows, -1, _CHUNK).sum(-1)] if full else []
+    if full < vocab:
+        sums.append(probs[:, full:].sum(-1, keepdim=True))
+    chunk_mass = torch.cat(sums, dim=1) if len(sums) > 1 else sums[0]  # [B, chunks]
+    cdf = chunk_mass.cumsum(-1)
+    total = cdf[:, -1:]
+    # Strictly below the total, so the search never runs past the last chunk with mass.
+    target = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))
+    chunk = _last_with_mass(torch.searchsorted(cdf, target, right=True), chunk_mass)  # [B, 1]
+    before = torch.where(chunk > 0, cdf.gather(1, (chunk - 1).clamp_min(0)), 0.0)
+    cols = chunk * _CHUNK + torch.arange(_CHUNK, device=probs.device)  # [B, CHUNK]
+    local = torch.where(cols < vocab, probs.gather(1, cols.clamp_max(vocab - 1)), 0.0)
+    pick = torch.searchsorted(local.cumsum(-1), target - before, right=True)
+    return (chunk * _CHUNK + _last_with_mass(pick, local)).squeeze(1)
+
+
+def _last_with_mass(index: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
+    # A search that rounding pushed past the last entry with mass lands on that entry instead.
+    positions = torch.arange(mass.shape[1], device=mass.device)
+    last = torch.where(mass > 0, positions, -1).amax(dim=1, keepdim=True)
+    return torch.minimum(index, last)
 
 
 def _top_k_top_p(scaled: torch.Tensor, top_ks: list[int], top_ps: list[float]) -> torch.Tensor:

@@ -12,7 +12,8 @@
 * Paged decode mode (sampler): one new token per sequence attends over its KV blocks in a
   ``PagedKVCache``: flash-attn's ``flash_attn_with_kvcache`` on a GPU when installed and the block
   size is a multiple of 256 (its paging granularity), else the Triton kernel of
-  ``spice_fast.kernels.paged_attention`` on a GPU, else its PyTorch reference (the CPU path).
+  ``spice_fast.kernels.paged_attention`` on a GPU; on the CPU its C++ kernel, which reads the blocks
+  in place (the PyTorch reference when the extension is not built).
 
 In both modes, when a ``PagedKVCache`` and a ``slot_mapping`` are given, each token's K/V are
 written to its slot of the pool first, so a prefill fills the cache that later decode steps read.
@@ -31,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from spice_fast.kernels.paged_attention import paged_decode_attention as _paged_decode_kernel
-from spice_fast.kernels.paged_attention import paged_decode_attention_ref
+from spice_fast.kernels.paged_attention import paged_decode_attention_cpu, paged_decode_attention_ref
 from spice_fast.model.config import ModelConfig
 from spice_fast.model.layers import RMSNorm, RotaryEmbedding
 
@@ -289,8 +290,10 @@ def paged_decode_attention(
         return _paged_decode_kernel(
             q, k_cache, v_cache, batch.block_tables, batch.context_lens, scale, backend="triton"
         )
-    if _backend == "torch" or not q.is_cuda:
+    if _backend == "torch":
         return paged_decode_attention_ref(q, k_cache, v_cache, batch.block_tables, batch.context_lens, scale)
+    if not q.is_cuda:
+        return paged_decode_attention_cpu(q, k_cache, v_cache, batch.block_tables, batch.context_lens, scale)
     flash = _flash_fn("flash_attn_with_kvcache") if k_cache.shape[1] % 256 == 0 else None
     if flash is not None and q.dtype in (torch.float16, torch.bfloat16):
         out = flash(

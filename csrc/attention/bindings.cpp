@@ -1,0 +1,34 @@
+// pybind11 module spice_fast._cpu_attention: the CPU paged decode attention of paged_decode.h.
+// Tensors arrive as data pointers with their shapes; spice_fast.kernels.paged_attention checks
+// devices, dtypes, shapes and contiguity before calling, and this layer checks every index.
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+
+#include "attention/paged_decode.h"
+
+namespace py = pybind11;
+
+PYBIND11_MODULE(_cpu_attention, m) {
+    m.doc() = "CPU paged decode attention (see spice_fast.kernels.paged_attention for the Python face)";
+    m.def(
+        "paged_decode",
+        [](uintptr_t out, uintptr_t q, uintptr_t k_cache, uintptr_t v_cache, uintptr_t block_tables,
+           uintptr_t context_lens, int64_t num_seqs, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
+           int64_t num_blocks, int64_t block_size, int64_t max_blocks, int64_t table_stride, double scale,
+           int dtype, int num_threads) {
+            if (dtype != 0 && dtype != 1) throw py::value_error("dtype must be 0 (float32) or 1 (bfloat16)");
+            spice_attention::DecodeArgs args{
+                reinterpret_cast<float*>(out), reinterpret_cast<const void*>(q),
+                reinterpret_cast<const void*>(k_cache), reinterpret_cast<const void*>(v_cache),
+                reinterpret_cast<const int32_t*>(block_tables), reinterpret_cast<const int32_t*>(context_lens),
+                num_seqs, num_heads, num_kv_heads, head_dim, num_blocks, block_size, max_blocks, table_stride,
+                static_cast<float>(scale)};
+            py::gil_scoped_release release;
+            spice_attention::paged_decode(args, static_cast<spice_attention::DType>(dtype), num_threads);
+        },
+        py::arg("out"), py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("block_tables"),
+        py::arg("context_lens"), py::arg("num_seqs"), py::arg("num_heads"), py::arg("num_kv_heads"),
+        py::arg("head_dim"), py::arg("num_blocks"), py::arg("block_size"), py::arg("max_blocks"),
+        py::arg("table_stride"), py::arg("scale"), py::arg("dtype"), py::arg("num_threads"));
+}
