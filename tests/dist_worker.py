@@ -24,7 +24,7 @@ def main(argv: list[str]) -> None:
     config = resume_config(argv[1], argv[2:]) if resume else make_config(overrides=argv)
     trainer = Trainer(config, ctx=ctx, resume=resume)
     trainer.train()
-    state = {k: v.detach().contiguous() for k, v in trainer.model.state_dict().items()}
+    state = {k: v.detach().contiguous() for k, v in trainer.model_state_dict().items()}  # collective
     save_file(state, os.path.join(config.run_dir, f"params-rank{ctx.rank}.safetensors"))
     shutdown(ctx)
 

@@ -92,6 +92,17 @@ def test_two_gloo_ranks_match_one_process(tmp_path):
     sharded1 = load_file(tmp_path / "sharded" / "params-rank1.safetensors")
     assert all(torch.equal(sharded[n], sharded1[n]) for n in sharded)  # the broadcast keeps ranks equal
 
+    # FSDP2 over the decoder layers (parameters, gradients, AdamW state sharded): the same parameters
+    _run([*torchrun, str(WORKER), *_overrides(tmp_path, model, "fsdp"), "optim.fsdp=true"], tmp_path)
+    fsdp0 = load_file(tmp_path / "fsdp" / "params-rank0.safetensors")
+    fsdp1 = load_file(tmp_path / "fsdp" / "params-rank1.safetensors")
+    assert all(torch.equal(fsdp0[n], fsdp1[n]) for n in fsdp0)
+    assert all((fsdp0[n] - rank0[n]).abs().max().item() <= 5e-7 for n in rank0), "fsdp vs all-reduce"
+    a, b = _metrics(tmp_path / "multi"), _metrics(tmp_path / "fsdp")
+    for row_a, row_b in zip(a, b, strict=True):
+        assert row_b["skipped"] == 0 and row_b["update/num_sequences"] == row_a["update/num_sequences"]
+        assert math.isclose(row_b["grad_norm"], row_a["grad_norm"], rel_tol=1e-4)
+
     # either run resumes with the other number of ranks, and the two continuations agree
     _run([*torchrun, str(WORKER), "--resume", str(tmp_path / "single"), "steps=4"], tmp_path)
     _run([sys.executable, str(WORKER), "--resume", str(tmp_path / "multi"), "steps=4"], tmp_path)
@@ -102,10 +113,18 @@ def test_two_gloo_ranks_match_one_process(tmp_path):
     x = load_file(tmp_path / "single" / "params-rank0.safetensors")
     y = load_file(tmp_path / "multi" / "params-rank0.safetensors")
     assert all((x[n] - y[n]).abs().max().item() <= 5e-7 for n in x)
-    # the sharded run's checkpoint holds the whole optimizer state: one process continues it
-    _run([sys.executable, str(WORKER), "--resume", str(tmp_path / "sharded"), "steps=4"], tmp_path)
-    z = load_file(tmp_path / "sharded" / "params-rank0.safetensors")
-    assert all((z[n] - y[n]).abs().max().item() <= 5e-7 for n in y)
+    # the sharded runs' checkpoints hold the whole optimizer state: one process continues each
+    for run in ("sharded", "fsdp"):
+        _run([sys.executable, str(WORKER), "--resume", str(tmp_path / run), "steps=4"], tmp_path)
+        z = load_file(tmp_path / run / "params-rank0.safetensors")
+        assert all((z[n] - y[n]).abs().max().item() <= 5e-7 for n in y), run
+    # and two FSDP2 ranks continue a one-process checkpoint
+    resume_fsdp = ["--resume", str(tmp_path / "multi"), "steps=5", "optim.fsdp=true"]
+    _run([*torchrun, str(WORKER), *resume_fsdp], tmp_path)
+    _run([sys.executable, str(WORKER), "--resume", str(tmp_path / "single"), "steps=5"], tmp_path)
+    x = load_file(tmp_path / "single" / "params-rank0.safetensors")
+    y = load_file(tmp_path / "multi" / "params-rank0.safetensors")
+    assert all((x[n] - y[n]).abs().max().item() <= 5e-7 for n in x)
 
 
 def test_merge_weights_means_by_their_counts():

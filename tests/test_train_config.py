@@ -52,6 +52,7 @@ def test_yaml_file_then_overrides(tmp_path):
         ("tensorboard=maybe", "tensorboard: expected true or false"),
         ("spice=3", "spice: expected a mapping"),
         ("novalue", "expected key=value"),
+        ("optim={fsdp: true, shard_state: true}", "optim.fsdp and optim.shard_state: choose one"),
     ],
 )
 def test_bad_values_name_the_key_and_value(override, message):

@@ -34,16 +34,25 @@ def checkpoint_root(run_dir: str | Path) -> Path:
 
 
 def save_checkpoint(
-    run_dir: str | Path, step: int, model, tokenizer, state: dict[str, Any], *, keep: int = 2
+    run_dir: str | Path,
+    step: int,
+    model,
+    tokenizer,
+    state: dict[str, Any],
+    *,
+    keep: int = 2,
+    model_state: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write checkpoint ``step`` and point ``latest`` at it; keep the ``keep`` newest checkpoints."""
+    """Write checkpoint ``step`` and point ``latest`` at it; keep the ``keep`` newest checkpoints.
+
+    ``model_state``: the weights to write instead of ``model.state_dict()`` (gathered FSDP2 shards)."""
     root = checkpoint_root(run_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:06d}"
     partial = root / f".step-{step:06d}.partial"
     if partial.exists():
         shutil.rmtree(partial)
-    save_model(model, tokenizer, partial)
+    save_model(model, tokenizer, partial, state_dict=model_state)
     tmp_state = partial / (STATE_FILE + ".tmp")
     torch.save(state, tmp_state)
     os.replace(tmp_state, partial / STATE_FILE)

@@ -110,6 +110,9 @@ class OptimSection:
     weight_decay: float = 0.0  # decoupled weight decay
     max_grad_norm: float = 1.0  # clip the global gradient norm to this (0 = no clipping)
     shard_state: bool = False  # under torchrun: partition AdamW's moments over the ranks (ZeRO-1)
+    # under torchrun: FSDP2 fully_shard of the decoder layers; parameters are gathered for the rollout
+    # and the update, their gradients, fp32 masters and AdamW moments stay sharded
+    fsdp: bool = False
 
     def __post_init__(self) -> None:
         _check(self.lr > 0, "optim.lr", self.lr, "> 0")
@@ -119,6 +122,10 @@ class OptimSection:
         _check(self.eps > 0, "optim.eps", self.eps, "> 0")
         _check(self.weight_decay >= 0, "optim.weight_decay", self.weight_decay, ">= 0")
         _check(self.max_grad_norm >= 0, "optim.max_grad_norm", self.max_grad_norm, ">= 0")
+        if self.fsdp and self.shard_state:
+            raise ValueError(
+                "optim.fsdp and optim.shard_state: choose one (FSDP2 already shards AdamW's state)"
+            )
 
 
 @dataclass

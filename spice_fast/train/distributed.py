@@ -10,9 +10,17 @@ rank applies the gradient of the global loss and the parameters stay identical. 
 and merged before rank 0 logs them; rank 0 writes checkpoints, every rank reads them on resume (the
 corpus position is global, so the number of ranks may change between runs).
 
-FSDP2 sharding (for optimizer states larger than one GPU) is not implemented: every rank keeps full
-parameters because its sampler reads them. Tested by tests/test_distributed.py (2 CPU processes with
-gloo, parameters identical across ranks and equal to a single-process run over the same batch).
+Two ways to shard what does not fit one GPU: ``optim.shard_state=true`` partitions AdamW's moments
+(``ZeroRedundancyOptimizer``, ZeRO-1, parameters and gradients whole); ``optim.fsdp=true`` applies FSDP2
+``fully_shard`` to every decoder layer (``LayerSharding``): the layers' parameters, gradients, fp32
+master weights and AdamW moments live sharded between steps. Each step gathers the full parameters
+once for the rollout (the sampler reads them) and keeps them for the update, whose micro-batches
+accumulate gradients without communication (ranks run different numbers of them); one small pass on
+every rank then reduce-scatters the gradients, the layers go back to their shards and the optimizer
+steps on the shards. The embedding, final norm and LM head stay replicated and are all-reduced.
+Tested by tests/test_distributed.py (2 CPU processes with gloo: parameters identical across ranks and
+equal to a single-process run over the same batch, with and without sharding; resuming with another
+number of ranks).
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 _BUCKET_BYTES = 64 * 1024**2
 
@@ -191,3 +200,71 @@ def merge_metrics(per_rank: list[dict[str, Any]], num_reasoner_samples: int) -> 
     if "throughput/gen_tokens" in merged and merged.get("time/rollout"):
         merged["throughput/gen_tokens_per_s"] = merged["throughput/gen_tokens"] / merged["time/rollout"]
     return merged
+
+
+# ---- FSDP2 over the decoder layers ----
+
+
+class LayerSharding:
+    """FSDP2 ``fully_shard`` over a ``CausalLM``'s decoder layers, driven by the trainer's step.
+
+    ``gather()`` before the rollout (the engine and the update read full parameters; the layers never
+    reshard in between, so no rank waits on another while their rollouts differ), ``begin_backward()``
+    before the micro-batches (gradients accumulate locally), ``reduce_gradients(model)`` after them on
+    every rank (one 1-token pass whose backward reduce-scatters each layer's accumulated gradient; the
+    layers go back to their shards, and the gradients become sums over the ranks).
+    """
+
+    def __init__(self, model, ctx: DistContext):
+        from torch.distributed.fsdp import fully_shard
+
+        self.world_size = ctx.world_size
+        self.layers = list(model.model.layers)
+        for layer in self.layers:
+            fully_shard(layer, reshard_after_forward=False)
+        self.params = [p for layer in self.layers for p in layer.parameters()]  # the sharded ones
+        self.gathered = False
+
+    def gather(self) -> None:
+        if not self.gathered:
+            for layer in self.layers:
+                layer.unshard()
+            self.gathered = True
+
+    def begin_backward(self) -> None:
+        self.gather()
+        for layer in self.layers:
+            layer.set_requires_gradient_sync(False)
+            layer.set_reshard_after_backward(False)
+
+    def reduce_gradients(self, model) -> None:
+        from spice_fast.model.attention import AttentionBatch
+
+        for layer in self.layers:
+            layer.set_requires_gradient_sync(True)
+        ids = torch.zeros(1, dtype=torch.long, device=model.device)
+        with torch.enable_grad():
+            hidden = model.forward_hidden(ids, AttentionBatch.packed([1], model.device))
+            hidden.backward(torch.zeros_like(hidden))  # adds nothing; triggers the reduce-scatters
+        self.release()
+        with torch.no_grad():
+            for p in self.params:  # FSDP averages over the ranks; the trainer's loss wants the sum
+                if p.grad is not None:
+                    p.grad.mul_(self.world_size)
+
+    def release(self) -> None:
+        for layer in self.layers:
+            layer.reshard()
+        self.gathered = False
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a sharded DTensor (a collective: every rank calls it), else ``t``."""
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def shard_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``full`` laid out like ``like``: its shard when ``like`` is a DTensor (every rank calls it)."""
+    if isinstance(like, DTensor):
+        return distribute_tensor(full.to(like.device), like.device_mesh, like.placements)
+    return full

@@ -26,7 +26,15 @@ from spice_fast.engine import Engine
 from spice_fast.spice.corpus import Corpus
 from spice_fast.train import checkpoint as ckpt
 from spice_fast.train.config import TrainConfig, from_dict, load_yaml, to_dict
-from spice_fast.train.distributed import DistContext, barrier, gather_metrics, init_distributed, merge_metrics
+from spice_fast.train.distributed import (
+    DistContext,
+    LayerSharding,
+    barrier,
+    full_tensor,
+    gather_metrics,
+    init_distributed,
+    merge_metrics,
+)
 from spice_fast.train.metrics import RunLogger, console_line
 from spice_fast.train.rollout import spice_rollout
 from spice_fast.train.update import learning_rate, make_optimizer, policy_update
@@ -89,6 +97,11 @@ class Trainer:
         self.model.train()
         count = lambda text: len(self.tokenizer.encode(text, add_special_tokens=False))
         self.corpus = Corpus(config.corpus, count_tokens=count)
+        self.sharding = None
+        if config.optim.fsdp and self.ctx.enabled:
+            self.sharding = LayerSharding(self.model, self.ctx)
+        elif config.optim.fsdp:
+            logger.info("optim.fsdp: a single process has nothing to shard over; training unsharded")
         # the optimizer first: its fp32 masters exist now, its moments at the first step (reserved below)
         self.optimizer = make_optimizer(self.model, config, self.ctx)
         r = config.rollout
@@ -108,9 +121,12 @@ class Trainer:
         own default, half of what is free now, would not leave them room). Elsewhere: the engine's."""
         if self.model.device.type != "cuda":
             return None
+        if self.sharding is not None:
+            self.sharding.gather()  # the rollout's full parameters are part of what is not free
         free = torch.cuda.mem_get_info(self.model.device)[0]
         num_params = sum(p.numel() for p in self.model.parameters())
-        moments = 8 * num_params // (self.ctx.world_size if self.config.optim.shard_state else 1)
+        o = self.config.optim
+        moments = 8 * num_params // (self.ctx.world_size if o.shard_state or o.fsdp else 1)
         left = free - moments
         if left <= 0:
             raise ValueError(
@@ -154,13 +170,20 @@ class Trainer:
         tmp.write_text(yaml.safe_dump(to_dict(self.config), sort_keys=False), encoding="utf-8")
         tmp.replace(path)
 
+    def model_state_dict(self) -> dict[str, torch.Tensor]:
+        """The whole model's parameters (FSDP2 shards gathered: every rank calls it)."""
+        return {name: full_tensor(t) for name, t in self.model.state_dict().items()}
+
     def save(self, step: int) -> Path:
         """Rank 0 writes; the others wait until the checkpoint is complete."""
         path = ckpt.checkpoint_root(self.run_dir) / f"step-{step:06d}"
         state = self.state_dict(step)  # every rank: a sharded optimizer gathers its state to rank 0
+        weights = self.model_state_dict() if self.sharding is not None else None
         if self.ctx.is_main:
             keep = self.config.keep_checkpoints
-            path = ckpt.save_checkpoint(self.run_dir, step, self.model, self.tokenizer, state, keep=keep)
+            path = ckpt.save_checkpoint(
+                self.run_dir, step, self.model, self.tokenizer, state, keep=keep, model_state=weights
+            )
         barrier(self.ctx)
         return path
 
@@ -173,11 +196,13 @@ class Trainer:
         documents = self.corpus.next_batch(c.spice.num_docs)  # the global batch, the same on every rank
         mine = list(range(self.ctx.rank, len(documents), self.ctx.world_size))
         show = c.progress and self.ctx.is_main
+        if self.sharding is not None:
+            self.sharding.gather()  # full parameters for the sampler, kept for the update
         rollout = spice_rollout(
             self.engine, self.tokenizer, [documents[i] for i in mine], c, step, mine, show
         )
         update = policy_update(
-            self.model, self.optimizer, rollout.sequences, c, learning_rate(c, step), self.ctx
+            self.model, self.optimizer, rollout.sequences, c, learning_rate(c, step), self.ctx, self.sharding
         )
         metrics = {**rollout.metrics, **update}
         metrics.update({

@@ -19,6 +19,8 @@ both roles:
 
 ``MasterAdamW`` keeps fp32 master weights when the model is bf16/fp16 (the sampler reads the low
 precision parameters, updated in place from the masters) and is a plain AdamW for fp32 models.
+Under FSDP2 (``optim.fsdp``) the layers' parameters, masters and moments are sharded DTensors; the
+optimizer's state dict is still the whole, plain one, so any number of ranks can load it.
 Tested by tests/test_train.py (packed update = per-sequence reference, skip on NaN, master weights).
 """
 
@@ -30,11 +32,21 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from spice_fast.kernels import fused_grpo_loss, fused_linear_logprob
 from spice_fast.model import AttentionBatch, CausalLM
 from spice_fast.train.config import TrainConfig
-from spice_fast.train.distributed import SINGLE, DistContext, all_reduce_grads, all_reduce_sum, all_true
+from spice_fast.train.distributed import (
+    SINGLE,
+    DistContext,
+    LayerSharding,
+    all_reduce_grads,
+    all_reduce_sum,
+    all_true,
+    full_tensor,
+    shard_like,
+)
 from spice_fast.train.rollout import Sequence
 
 
@@ -105,7 +117,11 @@ class MasterAdamW:
             optimizer = self.optimizer.state_dict() if dist.get_rank() == 0 else None
         else:
             optimizer = self.optimizer.state_dict()
-        return {"optimizer": optimizer, "masters": self.masters}
+            optimizer["state"] = {  # FSDP2 shards: gathered (every rank takes part)
+                i: {k: full_tensor(v) for k, v in entry.items()} for i, entry in optimizer["state"].items()
+            }
+        masters = None if self.masters is None else [full_tensor(m) for m in self.masters]
+        return {"optimizer": optimizer, "masters": masters}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         masters = state.get("masters")
@@ -120,8 +136,23 @@ class MasterAdamW:
                         raise ValueError(
                             f"optimizer state: master of shape {tuple(saved.shape)}, want {tuple(m.shape)}"
                         )
-                    m.copy_(saved)
-        self.optimizer.load_state_dict(state["optimizer"])
+                    m.copy_(shard_like(saved, m))
+        optimizer = state["optimizer"]
+        targets = self.masters if self.masters is not None else self.params
+        if not self.sharded:  # FSDP2: each rank keeps its shard of the whole saved state
+            optimizer = {
+                **optimizer,
+                "state": {
+                    i: {
+                        k: shard_like(v, targets[i])
+                        if isinstance(v, torch.Tensor) and v.shape == targets[i].shape
+                        else v
+                        for k, v in entry.items()
+                    }
+                    for i, entry in optimizer["state"].items()
+                },
+            }
+        self.optimizer.load_state_dict(optimizer)
 
 
 def make_optimizer(model: CausalLM, config: TrainConfig, ctx: DistContext = SINGLE) -> MasterAdamW:
@@ -351,34 +382,60 @@ def policy_update(
     config: TrainConfig,
     lr: float,
     ctx: DistContext = SINGLE,
+    sharding: LayerSharding | None = None,
 ) -> dict[str, Any]:
     """One optimizer step over ``sequences``; a non-finite loss or gradient leaves the weights as they are.
 
     Under torchrun (``ctx``) the sequences are this rank's; the loss constant and the gradients are
-    global, and every rank takes the same decision to step or skip.
+    global, and every rank takes the same decision to step or skip. ``sharding``: the FSDP2 layers
+    (``optim.fsdp``); their gradients are reduce-scattered and the step runs on the shards.
     """
     t0 = time.perf_counter()
     optimizer.zero_grad()
+    if sharding is not None:
+        sharding.begin_backward()
     metrics = accumulate_gradients(model, sequences, config, _denominator(sequences, config, ctx))
+    if sharding is not None:
+        sharding.reduce_gradients(model)  # every rank, whatever it trained: a collective
     finite = all_true(metrics.pop("finite"), ctx)
     metrics.update(lr=lr, skipped=0, skip_reason=None, grad_norm=None)
     (num_trained,) = all_reduce_sum([metrics["update/num_sequences"]], ctx)
     if not num_trained:
         metrics.update(skipped=1, skip_reason="no_signal")
     else:
-        all_reduce_grads(optimizer.params, ctx)
-        grad_norm = _grad_norm(optimizer.params)
+        if sharding is None:
+            all_reduce_grads(optimizer.params, ctx)
+            grad_norm = _grad_norm(optimizer.params)
+        else:
+            all_reduce_grads([p for p in optimizer.params if not isinstance(p, DTensor)], ctx)
+            grad_norm = _sharded_grad_norm(optimizer.params, ctx)
         metrics["grad_norm"] = grad_norm
         if not finite or not math.isfinite(grad_norm):
             metrics.update(skipped=1, skip_reason="nonfinite_loss" if not finite else "nonfinite_grad")
         else:
-            if config.optim.max_grad_norm > 0:
+            if config.optim.max_grad_norm > 0 and sharding is None:
                 torch.nn.utils.clip_grad_norm_(optimizer.params, config.optim.max_grad_norm)
+            elif config.optim.max_grad_norm > 0:  # torch's formula, over sharded and replicated grads
+                coef = config.optim.max_grad_norm / (grad_norm + 1e-6)
+                if coef < 1:
+                    for p in optimizer.params:
+                        if p.grad is not None:
+                            p.grad.mul_(coef)
             optimizer.set_lr(lr)
             optimizer.step()
     optimizer.zero_grad()
     metrics["time/update"] = time.perf_counter() - t0 - metrics["time/logprob"]
     return metrics
+
+
+def _sharded_grad_norm(params: list[torch.nn.Parameter], ctx: DistContext) -> float:
+    """The global gradient norm when some gradients are FSDP2 shards (the others are replicated)."""
+    shards = sum(float(p.grad.to_local().float().square().sum()) for p in params
+                 if isinstance(p.grad, DTensor))  # fmt: skip
+    (shards,) = all_reduce_sum([shards], ctx)
+    whole = sum(float(p.grad.float().square().sum()) for p in params
+                if p.grad is not None and not isinstance(p.grad, DTensor))  # fmt: skip
+    return math.sqrt(shards + whole)
 
 
 def _grad_norm(params: list[torch.nn.Parameter]) -> float:

@@ -184,8 +184,11 @@ def save(
     out_dir: str | os.PathLike,
     *,
     max_shard_bytes: int = 5 * 1024**3,
+    state_dict: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write ``model`` (and ``tokenizer`` unless ``None``) as a Hugging Face directory, atomically."""
+    """Write ``model`` (and ``tokenizer`` unless ``None``) as a Hugging Face directory, atomically.
+
+    ``state_dict``: the tensors to write instead of ``model.state_dict()`` (e.g. gathered shards)."""
     if not isinstance(model, CausalLM):
         raise TypeError(f"model: expected a spice_fast CausalLM, got {type(model).__name__}")
     out = Path(out_dir).expanduser().resolve()
@@ -199,7 +202,7 @@ def save(
         shutil.rmtree(tmp)
     tmp.mkdir()
     try:
-        state = model.state_dict()
+        state = model.state_dict() if state_dict is None else state_dict
         write_shards(state, tmp, max_shard_bytes)
         dtype_name = str(model.dtype).removeprefix("torch.")
         (tmp / "config.json").write_text(json.dumps(model.config.to_hf(dtype=dtype_name), indent=2) + "\n")
