@@ -333,7 +333,7 @@ class Engine:
         if any(contexts):
             batch.positions = torch.tensor(positions, dtype=torch.int64, device=device)
             batch.uniform_len = 0
-            batch.context_lens, batch.context_tables = contexts, owned
+            batch.prefix_lens, batch.prefix_tables = contexts, owned
         hidden = self.model.forward_hidden(
             torch.tensor(ids, dtype=torch.long, device=device), batch, self.cache
         )

@@ -77,8 +77,8 @@ class AttentionBatch:
     block_tables: torch.Tensor | None = None  # [B, max_blocks] int32 (decode mode)
     context_lens: torch.Tensor | None = None  # [B] int32 tokens attended, new one included (decode)
     segment_masks: list[torch.Tensor | None] | None = None  # per segment: [S, S] bool mask, None = causal
-    context_lens: list[int] | None = None  # packed prefill after cached prompt blocks: tokens before each
-    context_tables: list[list[int]] | None = None  # blocks holding each sequence's context and new tokens
+    prefix_lens: list[int] | None = None  # packed prefill after cached prompt blocks: tokens before each
+    prefix_tables: list[list[int]] | None = None  # blocks of each sequence's cached prefix and new tokens
 
     @property
     def is_decode(self) -> bool:
@@ -236,13 +236,13 @@ def prefill_with_context(
     block_size = k_cache.shape[1]
     outs = []
     for i, (s, e) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
-        context, num_new = batch.context_lens[i], e - s
+        context, num_new = batch.prefix_lens[i], e - s
         total = context + num_new
-        if len(batch.context_tables[i]) * block_size < total:
+        if len(batch.prefix_tables[i]) * block_size < total:
             raise ValueError(
-                f"sequence {i}: {total} tokens do not fit its {len(batch.context_tables[i])} blocks"
+                f"sequence {i}: {total} tokens do not fit its {len(batch.prefix_tables[i])} blocks"
             )
-        table = torch.tensor(batch.context_tables[i], dtype=torch.long, device=q.device)
+        table = torch.tensor(batch.prefix_tables[i], dtype=torch.long, device=q.device)
         k = k_cache[table].reshape(-1, *k_cache.shape[2:])[:total]  # [total, kv_heads, D]
         v = v_cache[table].reshape(-1, *v_cache.shape[2:])[:total]
         query_pos = torch.arange(context, total, device=q.device)
@@ -354,7 +354,7 @@ class Attention(nn.Module):
             out = paged_decode_attention(
                 q, kv_cache.k[self.layer_idx], kv_cache.v[self.layer_idx], batch, self.scale
             )
-        elif batch.context_lens is not None:
+        elif batch.prefix_lens is not None:
             if kv_cache is None:
                 raise ValueError("prefill after cached blocks needs a PagedKVCache")
             out = prefill_with_context(
