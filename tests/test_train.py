@@ -169,7 +169,7 @@ def test_master_weights_update_bf16_parameters_in_place():
     pointers = [p.data_ptr() for p in params]
     reference = [p.detach().float().clone().requires_grad_() for p in params]
     opt = MasterAdamW(params, lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1)
-    ref_opt = torch.optim.AdamW(reference, lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1)
+    ref_opt = torch.optim.AdamW(reference, lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1, fused=True)
     gen = torch.Generator().manual_seed(0)
     for _ in range(3):
         for p, r in zip(params, reference, strict=True):
@@ -180,7 +180,7 @@ def test_master_weights_update_bf16_parameters_in_place():
     assert opt.use_masters and all(m.dtype == torch.float32 for m in opt.masters)
     assert [p.data_ptr() for p in params] == pointers  # the sampler keeps reading the same tensors
     for p, m, r in zip(params, opt.masters, reference, strict=True):
-        assert torch.equal(m, r.detach())  # fp32 masters follow fp32 AdamW exactly
+        assert torch.equal(m, r.detach())  # fp32 masters follow fp32 (fused) AdamW exactly
         assert torch.equal(p, r.detach().to(torch.bfloat16))
     # the state round-trips
     state = opt.state_dict()
