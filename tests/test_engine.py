@@ -232,6 +232,33 @@ def test_sampler_two_level_search_over_a_large_vocabulary():
     assert_close(logprobs, torch.log_softmax(logits, -1)[tokens], atol=1e-5)
 
 
+def test_sampler_top_p_beyond_the_candidates_and_mixed_batches():
+    """A nucleus wider than the top-k candidates falls back to a full sort (tokens past the
+    candidates are drawn); a batch mixing plain, top-k, top-p and greedy rows samples each its way."""
+    from spice_fast.engine.sampling import _CANDIDATES, row_key, sample_tokens
+
+    vocab = 3 * _CANDIDATES
+    flat = torch.zeros(vocab)
+    flat[: vocab // 10] = -50.0  # a tenth of the vocabulary outside any 0.9 nucleus
+    rows = 3000
+    keys = [row_key(5, 2, i) for i in range(rows)]
+    tokens, _ = sample_tokens(flat.expand(rows, -1), [1.0] * rows, [0.9] * rows, [0] * rows, keys)
+    assert len(set(tokens.tolist())) > _CANDIDATES  # not confined to the candidates
+    assert bool((tokens >= vocab // 10).all())  # never outside the nucleus
+
+    logits = torch.randn(vocab, generator=torch.Generator().manual_seed(1)) * 3
+    order = logits.argsort(descending=True)
+    probs = torch.softmax(logits, -1)
+    nucleus = order[: int(((probs[order].cumsum(0) - probs[order]) < 0.5).sum())]
+    temps, ps, ks = [1.0, 1.0, 1.0, 0.0] * 500, [1.0, 0.5, 1.0, 0.5] * 500, [0, 0, 3, 0] * 500
+    tokens, logprobs = sample_tokens(logits.expand(2000, -1), temps, ps, ks, keys[:2000])
+    assert set(tokens[1::4].tolist()) <= set(nucleus.tolist())
+    assert set(tokens[2::4].tolist()) <= set(order[:3].tolist())
+    assert (tokens[3::4] == order[0]).all()
+    assert len(set(tokens[0::4].tolist())) > 20  # plain rows draw from everything
+    assert_close(logprobs, torch.log_softmax(logits, -1)[tokens], atol=1e-5)
+
+
 def test_prefix_cache_reuses_a_shared_document_across_requests():
     """Requests that start with the same blocks (one document, several answer types) prefill the
     document once; tokens and logprobs equal those of an engine without the cache and a full forward."""

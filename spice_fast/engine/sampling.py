@@ -6,7 +6,8 @@ tokens whatever else is in the batch, and a preempted sequence that is recompute
 tokens again. One uniform per row, rather than Gumbel noise over the whole vocabulary: on a 2-core
 CPU, keyed Gumbel noise for 64 rows x 49k tokens cost 90-450 ms per decode step, more than the
 model's own GEMMs; the inverse CDF costs one exp pass and a two-level search (chunk sums, then a
-cumulative sum over one chunk), with no division when T = 1 and no argmax without greedy rows.
+cumulative sum over one chunk), with no division when T = 1 and no argmax without greedy rows; top-k
+and top-p sets are looked for among the 1,024 most likely tokens before any full sort.
 
 The returned logprob is ``log_softmax(logits / T)`` over the full vocabulary at the chosen token
 (not renormalised by top-k / top-p), the quantity the trainer recomputes. Greedy rows (T = 0) report
@@ -55,18 +56,59 @@ def sample_tokens(
     if all(greedy):
         tokens = logits.argmax(dim=-1)
     else:
-        if any(k > 0 for k in top_ks) or any(p < 1.0 for p in top_ps):
-            probs = torch.softmax(_top_k_top_p(scaled, top_ks, top_ps), dim=-1)
-        else:
-            probs = torch.sub(scaled, lse).exp_()
         u = torch.tensor([key_uniform(k) for k in keys], dtype=torch.float32, device=device)[:, None]
-        tokens = _inverse_cdf(probs, u)
+        filtered = [k > 0 or p < 1.0 for k, p in zip(top_ks, top_ps, strict=True)]
+        if not any(filtered):
+            tokens = _inverse_cdf(torch.sub(scaled, lse).exp_(), u)
+        elif all(filtered):
+            tokens = _sample_filtered(scaled, lse, top_ks, top_ps, u)
+        else:  # a mixed batch: each kind of row its own way
+            tokens = torch.empty(len(keys), dtype=torch.long, device=device)
+            rows = torch.tensor(filtered, device=device).nonzero().squeeze(1)
+            plain = torch.tensor(filtered, device=device).logical_not().nonzero().squeeze(1)
+            tokens[plain] = _inverse_cdf(torch.sub(scaled[plain], lse[plain]).exp_(), u[plain])
+            ks, ps = [top_ks[i] for i in rows.tolist()], [top_ps[i] for i in rows.tolist()]
+            tokens[rows] = _sample_filtered(scaled[rows], lse[rows], ks, ps, u[rows])
         if any(greedy):
             tokens = torch.where(torch.tensor(greedy, device=device), logits.argmax(dim=-1), tokens)
     return tokens, (scaled.gather(1, tokens[:, None]) - lse).squeeze(1)
 
 
 _CHUNK = 1024  # vocabulary columns per chunk of the two-level inverse-CDF search
+_CANDIDATES = 1024  # top tokens searched for a top-k / top-p set before sorting the whole vocabulary
+
+
+def _sample_filtered(
+    scaled: torch.Tensor, lse: torch.Tensor, top_ks: list[int], top_ps: list[float], u: torch.Tensor
+) -> torch.Tensor:
+    """Inverse-CDF draws from the top-k / top-p sets of the rows, found among the top candidates.
+
+    A nucleus almost always lies among the first thousand tokens, so ``topk`` of the candidates
+    replaces a sort of the whole vocabulary (on a CPU the sort cost more than the model's decode
+    step). Rows whose set reaches past the candidates are drawn after a full sort.
+    """
+    rows, vocab = scaled.shape
+    device = scaled.device
+    num = min(vocab, max([_CANDIDATES, *top_ks]))
+    values, order = scaled.topk(num, dim=-1)  # sorted, largest first
+    k = torch.tensor([kk if 0 < kk < vocab else vocab for kk in top_ks], device=device)[:, None]
+    p = torch.tensor(top_ps, dtype=torch.float32, device=device)[:, None]
+    keep = torch.arange(num, device=device)[None, :] < k
+    # probabilities within the top-k set (the whole vocabulary when there is no top-k)
+    norm = torch.where(k < vocab, torch.logsumexp(values.masked_fill(~keep, float("-inf")), -1, True), lse)
+    probs = torch.exp(values - norm).masked_fill(~keep, 0.0)
+    mass = probs.cumsum(-1)
+    keep &= mass - probs < p  # keep tokens until the kept mass reaches p
+    keep[:, 0] = True
+    tokens = order.gather(1, _inverse_cdf(probs.masked_fill(~keep, 0.0), u)[:, None]).squeeze(1)
+    beyond = ((k == vocab) & (mass[:, -1:] < p)).squeeze(1)  # the set may hold more than the candidates
+    if bool(beyond.any()) and num < vocab:
+        again = beyond.nonzero().squeeze(1)
+        rows_ks = [top_ks[i] for i in again.tolist()]
+        rows_ps = [top_ps[i] for i in again.tolist()]
+        probs_all = torch.softmax(_top_k_top_p(scaled[again], rows_ks, rows_ps), dim=-1)
+        tokens[again] = _inverse_cdf(probs_all, u[again])
+    return tokens
 
 
 def _inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
