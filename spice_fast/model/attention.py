@@ -7,8 +7,8 @@
   ``AttentionBatch.shared_prefix`` packs a group of sequences that start with the same tokens as one
   segment: the prefix once, then each sequence's remainder (a branch) that attends to the prefix and
   causally to itself, never to the other branches. A training pass then runs a document shared by G
-  challenger samples once instead of G times; each segment with branches is one SDPA call with a
-  boolean mask.
+  challenger samples once instead of G times; the prefix runs as a causal sequence and each branch
+  as one SDPA call over the prefix's keys and its own (a boolean mask of branch x (prefix + branch)).
 * Paged decode mode (sampler): one new token per sequence attends over its KV blocks in a
   ``PagedKVCache``: flash-attn's ``flash_attn_with_kvcache`` on a GPU when installed and the block
   size is a multiple of 256 (its paging granularity), else the Triton kernel of
@@ -76,7 +76,7 @@ class AttentionBatch:
     slot_mapping: torch.Tensor | None = None  # [N] int64 KV-pool slot of each token, to write K/V
     block_tables: torch.Tensor | None = None  # [B, max_blocks] int32 (decode mode)
     context_lens: torch.Tensor | None = None  # [B] int32 tokens attended, new one included (decode)
-    segment_masks: list[torch.Tensor | None] | None = None  # per segment: [S, S] bool mask, None = causal
+    segments: list[tuple[int, list[int]]] | None = None  # shared-prefix packing: (prefix_len, branch lens)
     prefix_lens: list[int] | None = None  # packed prefill after cached prompt blocks: tokens before each
     prefix_tables: list[list[int]] | None = None  # blocks of each sequence's cached prefix and new tokens
 
@@ -109,26 +109,18 @@ class AttentionBatch:
         at positions p.. (as if it followed the prefix alone). A branch may be empty."""
         if not groups:
             raise ValueError("groups must be non-empty")
-        positions, lens, masks = [], [], []
+        positions, lens = [], []
         for prefix_len, branch_lens in groups:
             if prefix_len < 0 or any(n < 0 for n in branch_lens) or prefix_len + sum(branch_lens) == 0:
                 raise ValueError(f"bad segment: prefix {prefix_len}, branches {branch_lens}")
             positions.append(torch.arange(prefix_len))
             positions += [torch.arange(prefix_len, prefix_len + n) for n in branch_lens]
             lens.append(prefix_len + sum(branch_lens))
-            if sum(1 for n in branch_lens if n) <= 1:
-                masks.append(None)  # prefix + one branch is one causal sequence
-                continue
-            branch = torch.cat(
-                [torch.full((prefix_len,), -1)] + [torch.full((n,), b) for b, n in enumerate(branch_lens)]
-            )
-            idx = torch.arange(lens[-1])
-            visible = (branch[None, :] == -1) | (branch[None, :] == branch[:, None])  # [S, S]
-            masks.append((visible & (idx[None, :] <= idx[:, None])).to(device))
         batch = cls.packed(lens, device)
         batch.positions = torch.cat(positions).to(device)
         batch.uniform_len = 0
-        batch.segment_masks = masks if any(m is not None for m in masks) else None
+        if any(sum(1 for n in b if n) > 1 for _, b in groups):  # else every segment is one causal sequence
+            batch.segments = [(p, list(b)) for p, b in groups]
         return batch
 
     @classmethod
@@ -191,7 +183,7 @@ def packed_causal_attention(
     batch: AttentionBatch,
     scale: float,
 ) -> torch.Tensor:  # [N, num_heads, D]
-    if batch.segment_masks is not None:
+    if batch.segments is not None:
         return _segment_attention(q, k, v, batch, scale)
     flash = _flash_fn("flash_attn_varlen_func") if _backend == "auto" and q.is_cuda else None
     if flash is not None and q.dtype in (torch.float16, torch.bfloat16):
@@ -212,14 +204,35 @@ def packed_causal_attention(
 
 
 def _segment_attention(q, k, v, batch: AttentionBatch, scale: float) -> torch.Tensor:
-    """Shared-prefix segments: one masked SDPA call per segment (causal SDPA when it has no branches)."""
+    """Shared-prefix segments: the prefix as one causal sequence, then each branch over the prefix's
+    keys and its own (causally). Work ~ P^2 / 2 + sum(n * (P + n)), not the (P + sum(n))^2 of one
+    masked call over the segment."""
     bounds = batch.cu_seqlens.tolist()
     outs = []
-    for (s, e), mask in zip(zip(bounds[:-1], bounds[1:], strict=True), batch.segment_masks, strict=True):
-        if mask is None:
-            outs.append(_sdpa_causal(q[None, s:e], k[None, s:e], v[None, s:e], scale)[0])
-        else:
-            outs.append(_sdpa_masked(q[s:e], k[s:e], v[s:e], mask, scale))
+    for start, (prefix, branches) in zip(bounds[:-1], batch.segments, strict=True):
+        if sum(1 for n in branches if n) <= 1:  # prefix + one branch: one causal sequence
+            end = start + prefix + sum(branches)
+            outs.append(_sdpa_causal(q[None, start:end], k[None, start:end], v[None, start:end], scale)[0])
+            continue
+        p_end = start + prefix
+        if prefix:
+            outs.append(
+                _sdpa_causal(q[None, start:p_end], k[None, start:p_end], v[None, start:p_end], scale)[0]
+            )
+        offset = p_end
+        for n in branches:
+            if not n:
+                continue
+            s, e = offset, offset + n
+            keys = torch.cat([k[start:p_end], k[s:e]])
+            values = torch.cat([v[start:p_end], v[s:e]])
+            # the prefix is visible to every branch token; the branch causally
+            mask = (
+                torch.arange(prefix + n, device=q.device)[None, :]
+                <= (prefix + torch.arange(n, device=q.device))[:, None]
+            )
+            outs.append(_sdpa_masked(q[s:e], keys, values, mask, scale))
+            offset = e
     return torch.cat(outs, dim=0)
 
 
