@@ -163,6 +163,25 @@ def test_non_finite_values_skip_the_update_and_keep_the_weights(where):
     assert not all(torch.equal(before[n], p) for n, p in model.named_parameters())
 
 
+def test_gradient_clipping_equals_torch_clip_grad_norm():
+    """The update's norm and clipping (one norm computation) scale fp32 gradients exactly as
+    torch.nn.utils.clip_grad_norm_ does, and leave gradients under the bound untouched."""
+    from spice_fast.train.update import _clip_grads, _grad_norm
+
+    gen = torch.Generator().manual_seed(3)
+    for max_norm in (0.5, 1e6):
+        ours = [torch.nn.Parameter(torch.zeros(s)) for s in ((7, 5), (11,), (3, 3, 2))]
+        theirs = [torch.nn.Parameter(torch.zeros(p.shape)) for p in ours]
+        for a, b in zip(ours, theirs, strict=True):
+            a.grad = torch.randn(a.shape, generator=gen)
+            b.grad = a.grad.clone()
+        norm = _grad_norm(ours)
+        _clip_grads(ours, max_norm, norm)
+        expected = torch.nn.utils.clip_grad_norm_(theirs, max_norm)
+        assert norm == float(expected)
+        assert all(torch.equal(a.grad, b.grad) for a, b in zip(ours, theirs, strict=True))
+
+
 def test_master_weights_update_bf16_parameters_in_place():
     model = tiny_model(torch.bfloat16)
     params = list(model.parameters())

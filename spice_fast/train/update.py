@@ -410,24 +410,15 @@ def policy_update(
     if not num_trained:
         metrics.update(skipped=1, skip_reason="no_signal")
     else:
-        if sharding is None:
-            all_reduce_grads(optimizer.params, ctx)
-            grad_norm = _grad_norm(optimizer.params)
-        else:
-            all_reduce_grads([p for p in optimizer.params if not isinstance(p, DTensor)], ctx)
-            grad_norm = _sharded_grad_norm(optimizer.params, ctx)
+        # FSDP2 layers' gradients are already reduce-scattered; the rest is summed here
+        all_reduce_grads([p for p in optimizer.params if not isinstance(p, DTensor)], ctx)
+        grad_norm = _grad_norm(optimizer.params, ctx)
         metrics["grad_norm"] = grad_norm
         if not finite or not math.isfinite(grad_norm):
             metrics.update(skipped=1, skip_reason="nonfinite_loss" if not finite else "nonfinite_grad")
         else:
-            if config.optim.max_grad_norm > 0 and sharding is None:
-                torch.nn.utils.clip_grad_norm_(optimizer.params, config.optim.max_grad_norm)
-            elif config.optim.max_grad_norm > 0:  # torch's formula, over sharded and replicated grads
-                coef = config.optim.max_grad_norm / (grad_norm + 1e-6)
-                if coef < 1:
-                    for p in optimizer.params:
-                        if p.grad is not None:
-                            p.grad.mul_(coef)
+            if config.optim.max_grad_norm > 0:
+                _clip_grads(optimizer.params, config.optim.max_grad_norm, grad_norm)
             optimizer.set_lr(lr)
             optimizer.step()
     optimizer.zero_grad()
@@ -435,18 +426,29 @@ def policy_update(
     return metrics
 
 
-def _sharded_grad_norm(params: list[torch.nn.Parameter], ctx: DistContext) -> float:
-    """The global gradient norm when some gradients are FSDP2 shards (the others are replicated)."""
-    shards = sum(float(p.grad.to_local().float().square().sum()) for p in params
-                 if isinstance(p.grad, DTensor))  # fmt: skip
-    (shards,) = all_reduce_sum([shards], ctx)
-    whole = sum(float(p.grad.float().square().sum()) for p in params
-                if p.grad is not None and not isinstance(p.grad, DTensor))  # fmt: skip
-    return math.sqrt(shards + whole)
+def _grad_norm(params: list[torch.nn.Parameter], ctx: DistContext = SINGLE) -> float:
+    """The global L2 norm of the gradients (torch's clip_grad_norm_ formula, in fp32); the squares of
+    FSDP2 shards are summed over the ranks."""
+    whole = [
+        p.grad.detach().float() for p in params if p.grad is not None and not isinstance(p.grad, DTensor)
+    ]
+    norm = (
+        float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in whole])))
+        if whole
+        else 0.0
+    )
+    shards = [p.grad.to_local().float() for p in params if isinstance(p.grad, DTensor)]
+    if shards:  # FSDP2: every rank holds shards, so every rank joins the sum
+        (squares,) = all_reduce_sum([sum(float(g.square().sum()) for g in shards)], ctx)
+        norm = math.sqrt(norm**2 + squares)
+    return norm
 
 
-def _grad_norm(params: list[torch.nn.Parameter]) -> float:
-    grads = [p.grad.detach().float() for p in params if p.grad is not None]
-    if not grads:
-        return 0.0
-    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
+def _clip_grads(params: list[torch.nn.Parameter], max_norm: float, total_norm: float) -> None:
+    """Scale the gradients as torch's clip_grad_norm_ does (coefficient in fp32, at most 1), from the
+    norm already computed instead of computing it again."""
+    coef = float(torch.clamp(torch.tensor(max_norm) / (torch.tensor(total_norm) + 1e-6), max=1.0))
+    if coef < 1.0:
+        for p in params:
+            if p.grad is not None:
+                p.grad.mul_(coef)
