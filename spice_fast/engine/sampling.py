@@ -64,8 +64,8 @@ def sample_tokens(
             tokens = _sample_filtered(scaled, lse, top_ks, top_ps, u)
         else:  # a mixed batch: each kind of row its own way
             tokens = torch.empty(len(keys), dtype=torch.long, device=device)
-            rows = torch.tensor(filtered, device=device).nonzero().squeeze(1)
-            plain = torch.tensor(filtered, device=device).logical_not().nonzero().squeeze(1)
+            is_filtered = torch.tensor(filtered, device=device)
+            rows, plain = is_filtered.nonzero().squeeze(1), (~is_filtered).nonzero().squeeze(1)
             tokens[plain] = _inverse_cdf(torch.sub(scaled[plain], lse[plain]).exp_(), u[plain])
             ks, ps = [top_ks[i] for i in rows.tolist()], [top_ps[i] for i in rows.tolist()]
             tokens[rows] = _sample_filtered(scaled[rows], lse[rows], ks, ps, u[rows])
@@ -79,17 +79,23 @@ _CANDIDATES = 1024  # top tokens searched for a top-k / top-p set before sorting
 
 
 def _sample_filtered(
-    scaled: torch.Tensor, lse: torch.Tensor, top_ks: list[int], top_ps: list[float], u: torch.Tensor
+    scaled: torch.Tensor,
+    lse: torch.Tensor,
+    top_ks: list[int],
+    top_ps: list[float],
+    u: torch.Tensor,
+    num: int | None = None,
 ) -> torch.Tensor:
-    """Inverse-CDF draws from the top-k / top-p sets of the rows, found among the top candidates.
+    """Inverse-CDF draws from the top-k / top-p sets of the rows (every logit outside a row's top-k and
+    top-p nucleus dropped, at least one kept), found among the ``num`` most likely tokens.
 
     A nucleus almost always lies among the first thousand tokens, so ``topk`` of the candidates
     replaces a sort of the whole vocabulary (on a CPU the sort cost more than the model's decode
-    step). Rows whose set reaches past the candidates are drawn after a full sort.
+    step). Rows whose set reaches past the candidates are drawn again over the whole vocabulary.
     """
     rows, vocab = scaled.shape
     device = scaled.device
-    num = min(vocab, max([_CANDIDATES, *top_ks]))
+    num = num or min(vocab, max([_CANDIDATES, *top_ks]))
     values, order = scaled.topk(num, dim=-1)  # sorted, largest first
     k = torch.tensor([kk if 0 < kk < vocab else vocab for kk in top_ks], device=device)[:, None]
     p = torch.tensor(top_ps, dtype=torch.float32, device=device)[:, None]
@@ -104,10 +110,8 @@ def _sample_filtered(
     beyond = ((k == vocab) & (mass[:, -1:] < p)).squeeze(1)  # the set may hold more than the candidates
     if bool(beyond.any()) and num < vocab:
         again = beyond.nonzero().squeeze(1)
-        rows_ks = [top_ks[i] for i in again.tolist()]
-        rows_ps = [top_ps[i] for i in again.tolist()]
-        probs_all = torch.softmax(_top_k_top_p(scaled[again], rows_ks, rows_ps), dim=-1)
-        tokens[again] = _inverse_cdf(probs_all, u[again])
+        ks, ps = [top_ks[i] for i in again.tolist()], [top_ps[i] for i in again.tolist()]
+        tokens[again] = _sample_filtered(scaled[again], lse[again], ks, ps, u[again], num=vocab)
     return tokens
 
 
@@ -140,20 +144,3 @@ def _last_with_mass(index: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
     positions = torch.arange(mass.shape[1], device=mass.device)
     last = torch.where(mass > 0, positions, -1).amax(dim=1, keepdim=True)
     return torch.minimum(index, last)
-
-
-def _top_k_top_p(scaled: torch.Tensor, top_ks: list[int], top_ps: list[float]) -> torch.Tensor:
-    """Set to -inf every logit outside each row's top-k and top-p nucleus (at least one kept)."""
-    vocab = scaled.shape[-1]
-    device = scaled.device
-    sorted_logits, order = scaled.sort(dim=-1, descending=True)
-    rank = torch.arange(vocab, device=device)[None, :]
-    k = torch.tensor([kk if kk > 0 else vocab for kk in top_ks], device=device)[:, None]
-    drop = rank >= k
-    p = torch.tensor(top_ps, dtype=torch.float32, device=device)[:, None]
-    probs = torch.softmax(sorted_logits.masked_fill(drop, float("-inf")), dim=-1)
-    mass_before = probs.cumsum(dim=-1) - probs
-    drop |= mass_before >= p  # keep tokens until the kept mass reaches p
-    drop[:, 0] = False
-    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-    return torch.empty_like(scaled).scatter_(1, order, sorted_logits)
