@@ -81,12 +81,12 @@ def paged_decode_attention_cpu(
     scale: float,
 ) -> torch.Tensor:  # [B, num_heads, head_dim], q's dtype
     """The C++ kernel on CPU tensors; the reference for other dtypes or when it is not built."""
-    _check(q, k_cache, v_cache, block_tables, context_lens)
     if q.is_cuda or k_cache.is_cuda:
         raise ValueError(f"paged_decode_attention_cpu takes CPU tensors, got q on {q.device}")
     dtype = k_cache.dtype
     if not cpu_kernel_available() or dtype not in (torch.float32, torch.bfloat16) or v_cache.dtype != dtype:
         return paged_decode_attention_ref(q, k_cache, v_cache, block_tables, context_lens, scale)
+    _check(q, k_cache, v_cache, block_tables, context_lens)
     if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
         raise ValueError("paged_decode_attention_cpu needs contiguous k_cache and v_cache")
     num_seqs, num_heads, head_dim = q.shape

@@ -34,6 +34,8 @@ SPICE_INLINE float to_float(uint16_t x) {  // bfloat16: the high half of a float
 // 16 floats as one value: GCC / Clang vector extensions, compiled per instruction-set clone into one
 // AVX-512 register, two AVX2 ones or four SSE ones.
 typedef float f32x16 __attribute__((vector_size(64)));
+typedef float f32x8 __attribute__((vector_size(32)));
+typedef float f32x4 __attribute__((vector_size(16)));
 typedef uint16_t u16x16 __attribute__((vector_size(32)));
 typedef uint32_t u32x16 __attribute__((vector_size(64)));
 
@@ -52,10 +54,6 @@ SPICE_INLINE f32x16 load16(const uint16_t* p) {
 }
 SPICE_INLINE void store16(float* p, f32x16 v) { std::memcpy(p, &v, sizeof v); }
 
-// Dot product of a float vector with a row of the cache (float32 or bfloat16).
-typedef float f32x8 __attribute__((vector_size(32)));
-typedef float f32x4 __attribute__((vector_size(16)));
-
 // Sum of the 16 lanes as a tree of halves (a few adds deep, not a chain of 15).
 SPICE_INLINE float hsum(f32x16 v) {
     f32x8 lo8, hi8;
@@ -69,6 +67,7 @@ SPICE_INLINE float hsum(f32x16 v) {
     return (s4[0] + s4[2]) + (s4[1] + s4[3]);
 }
 
+// Dot product of a float vector with a row of the cache (float32 or bfloat16).
 template <typename T>
 SPICE_INLINE float dot(const float* q, const T* k, int n) {
     f32x16 acc = {};
@@ -201,10 +200,11 @@ void paged_decode(const DecodeArgs& a, DType dtype, int num_threads) {
     if (a.block_size <= 0) throw std::invalid_argument("block_size must be positive");
     for (int64_t s = 0; s < a.num_seqs; ++s) {
         const int64_t len = a.context_lens[s];
-        if (len < 0 || (len + a.block_size - 1) / a.block_size > a.max_blocks)
+        const int64_t pages = (len + a.block_size - 1) / a.block_size;
+        if (len < 0 || pages > a.max_blocks)
             throw std::invalid_argument("context_lens[" + std::to_string(s) + "] = " + std::to_string(len) +
                                         " needs more blocks than the table's " + std::to_string(a.max_blocks));
-        for (int64_t i = 0; i < (len + a.block_size - 1) / a.block_size; ++i) {
+        for (int64_t i = 0; i < pages; ++i) {
             const int32_t b = a.block_tables[s * a.table_stride + i];
             if (b < 0 || b >= a.num_blocks)
                 throw std::invalid_argument("block_tables[" + std::to_string(s) + ", " + std::to_string(i) +

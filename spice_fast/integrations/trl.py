@@ -434,14 +434,15 @@ class SpiceGRPOTrainer(GRPOTrainer):
         # TRL divides for gradient accumulation in training only (eval batches are not accumulated)
         accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1.0
         num_seqs = logps.size(0)
+        scale = 1.0 / accumulation
         if self.loss_type == "grpo":
-            agg, max_new_tokens, scale = "seq_mean_token_mean", None, 1.0 / accumulation
+            agg, max_new_tokens = "seq_mean_token_mean", None
         elif self.loss_type == "bnpo":
-            agg, max_new_tokens, scale = "token_mean", None, 1.0 / accumulation
+            agg, max_new_tokens = "token_mean", None
         elif self.loss_type == "dr_grpo":
-            agg, max_new_tokens, scale = "drgrpo", self.max_completion_length, 1.0 / accumulation
+            agg, max_new_tokens = "drgrpo", self.max_completion_length
         elif self.loss_type == "luspo":  # token sum per sequence, mean over sequences
-            agg, max_new_tokens, scale = "drgrpo", 1, 1.0 / accumulation
+            agg, max_new_tokens = "drgrpo", 1
         else:  # dapo: token sum over the global token count of one accumulation window
             normalizer = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
             if mode == "train":

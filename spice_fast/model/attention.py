@@ -226,12 +226,7 @@ def _segment_attention(q, k, v, batch: AttentionBatch, scale: float) -> torch.Te
             s, e = offset, offset + n
             keys = torch.cat([k[start:p_end], k[s:e]])
             values = torch.cat([v[start:p_end], v[s:e]])
-            # the prefix is visible to every branch token; the branch causally
-            mask = (
-                torch.arange(prefix + n, device=q.device)[None, :]
-                <= (prefix + torch.arange(n, device=q.device))[:, None]
-            )
-            outs.append(_sdpa_masked(q[s:e], keys, values, mask, scale))
+            outs.append(_sdpa_masked(q[s:e], keys, values, _causal_after(prefix, n, q.device), scale))
             offset = e
     return torch.cat(outs, dim=0)
 
@@ -258,10 +253,14 @@ def prefill_with_context(
         table = torch.tensor(batch.prefix_tables[i], dtype=torch.long, device=q.device)
         k = k_cache[table].reshape(-1, *k_cache.shape[2:])[:total]  # [total, kv_heads, D]
         v = v_cache[table].reshape(-1, *v_cache.shape[2:])[:total]
-        query_pos = torch.arange(context, total, device=q.device)
-        mask = torch.arange(total, device=q.device)[None, :] <= query_pos[:, None]  # [new, total]
-        outs.append(_sdpa_masked(q[s:e], k, v, mask, scale))
+        outs.append(_sdpa_masked(q[s:e], k, v, _causal_after(context, num_new, q.device), scale))
     return torch.cat(outs, dim=0)
+
+
+def _causal_after(context: int, num_new: int, device) -> torch.Tensor:  # [num_new, context + num_new]
+    """Mask of new tokens that see all ``context`` tokens before them and each other causally."""
+    query_pos = torch.arange(context, context + num_new, device=device)
+    return torch.arange(context + num_new, device=device)[None, :] <= query_pos[:, None]
 
 
 def _sdpa_masked(
