@@ -12,6 +12,7 @@ from setuptools import find_packages, setup
 EXTENSIONS: list[tuple[str, list[str]]] = [
     ("spice_fast._matcher", glob("csrc/matcher/*.cpp") + ["csrc/bindings.cpp"]),
     ("spice_fast._cpu_attention", glob("csrc/attention/*.cpp")),
+    ("spice_fast._cpu_ops", glob("csrc/ops/*.cpp")),
 ]
 
 
@@ -21,7 +22,7 @@ def _extension(name: str, sources: list[str]) -> Pybind11Extension:
         sorted(sources),
         include_dirs=["csrc"],
         cxx_std=17,
-        extra_compile_args=["-O3"],
+        extra_compile_args=["-O3", "-Wno-psabi"],  # vector values only cross inlined calls
     )
 
 

@@ -1,6 +1,8 @@
 // Paged decode attention on the CPU, reading the KV blocks in place (see paged_decode.h).
 #include "attention/paged_decode.h"
 
+#include "vec.h"
+
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -14,58 +16,7 @@
 namespace spice_attention {
 namespace {
 
-// Everything below run_tasks_* is inlined into it, so each instruction-set clone vectorizes all of it.
-#if defined(__GNUC__)
-#define SPICE_INLINE inline __attribute__((always_inline))
-#else
-#define SPICE_INLINE inline
-#endif
-
-constexpr int kLanes = 16;      // floats per vector value
-
-SPICE_INLINE float to_float(float x) { return x; }
-SPICE_INLINE float to_float(uint16_t x) {  // bfloat16: the high half of a float32
-    uint32_t bits = static_cast<uint32_t>(x) << 16;
-    float f;
-    std::memcpy(&f, &bits, sizeof f);
-    return f;
-}
-
-// 16 floats as one value: GCC / Clang vector extensions, compiled per instruction-set clone into one
-// AVX-512 register, two AVX2 ones or four SSE ones.
-typedef float f32x16 __attribute__((vector_size(64)));
-typedef float f32x8 __attribute__((vector_size(32)));
-typedef float f32x4 __attribute__((vector_size(16)));
-typedef uint16_t u16x16 __attribute__((vector_size(32)));
-typedef uint32_t u32x16 __attribute__((vector_size(64)));
-
-SPICE_INLINE f32x16 load16(const float* p) {
-    f32x16 v;
-    std::memcpy(&v, p, sizeof v);
-    return v;
-}
-SPICE_INLINE f32x16 load16(const uint16_t* p) {
-    u16x16 h;
-    std::memcpy(&h, p, sizeof h);
-    const u32x16 bits = __builtin_convertvector(h, u32x16) << 16;
-    f32x16 v;
-    std::memcpy(&v, &bits, sizeof v);
-    return v;
-}
-SPICE_INLINE void store16(float* p, f32x16 v) { std::memcpy(p, &v, sizeof v); }
-
-// Sum of the 16 lanes as a tree of halves (a few adds deep, not a chain of 15).
-SPICE_INLINE float hsum(f32x16 v) {
-    f32x8 lo8, hi8;
-    std::memcpy(&lo8, &v, sizeof lo8);
-    std::memcpy(&hi8, reinterpret_cast<const char*>(&v) + sizeof lo8, sizeof hi8);
-    const f32x8 s8 = lo8 + hi8;
-    f32x4 lo4, hi4;
-    std::memcpy(&lo4, &s8, sizeof lo4);
-    std::memcpy(&hi4, reinterpret_cast<const char*>(&s8) + sizeof lo4, sizeof hi4);
-    const f32x4 s4 = lo4 + hi4;
-    return (s4[0] + s4[2]) + (s4[1] + s4[3]);
-}
+using namespace spice_vec;
 
 // Dot product of a float vector with a row of the cache (float32 or bfloat16).
 template <typename T>
@@ -84,27 +35,6 @@ SPICE_INLINE void axpy(float a, const T* x, float* y, int n) {
     int d = 0;
     for (; d + kLanes <= n; d += kLanes) store16(y + d, load16(y + d) + a * load16(x + d));
     for (; d < n; ++d) y[d] += a * to_float(x[d]);
-}
-
-// e^x for x <= 0 (softmax weights) in branch-free arithmetic that vectorizes: x = n ln2 + r with
-// |r| <= ln2 / 2, e^r by Cephes' degree-7 expf polynomial, 2^n through the exponent bits. Relative
-// error below 2e-7 (std::exp's is 6e-8); 0 below -87, where float32 underflows anyway.
-SPICE_INLINE float exp_nonpositive(float x) {
-    const float c = std::max(x, -87.f);
-    const float n = std::floor(c * 1.44269504088896341f + 0.5f);
-    const float r = (c - n * 0.693359375f) + n * 2.12194440e-4f;  // Cody-Waite: ln2 in two parts
-    const float r2 = r * r;
-    float p = 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * r2 + r + 1.f;
-    const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-    float scale;
-    std::memcpy(&scale, &bits, sizeof scale);
-    return x < -87.f ? 0.f : p * scale;
 }
 
 // Per-thread scratch: every query head's scaled query, accumulator, running max and sum, and one
@@ -158,7 +88,7 @@ SPICE_INLINE void attend_seq(const DecodeArgs& a, Scratch& w, int64_t seq) {
             float* acc = w.acc.data() + h * dim;
             if (rescale != 1.f)
                 for (int d = 0; d < dim; ++d) acc[d] *= rescale;
-            for (int64_t t = 0; t < n; ++t) s[t] = exp_nonpositive(s[t] - new_max);  // vectorized
+            exp_shifted(s, n, new_max);
             float sum = 0.f;
             for (int64_t t = 0; t < n; ++t) sum += s[t];
             w.run_sum[h] = w.run_sum[h] * rescale + sum;
@@ -175,13 +105,6 @@ SPICE_INLINE void attend_seq(const DecodeArgs& a, Scratch& w, int64_t seq) {
         for (int d = 0; d < dim; ++d) dst[h * dim + d] = w.acc[h * dim + d] * inv;
     }
 }
-
-// The per-task loop is compiled for several instruction sets and picked at load time.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define SPICE_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define SPICE_CLONES
-#endif
 
 SPICE_CLONES void run_tasks_f32(const DecodeArgs* a, Scratch* w, int64_t begin, int64_t end) {
     for (int64_t seq = begin; seq < end; ++seq) attend_seq<float>(*a, *w, seq);

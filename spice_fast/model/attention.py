@@ -34,7 +34,7 @@ from torch import nn
 from spice_fast.kernels.paged_attention import paged_decode_attention as _paged_decode_kernel
 from spice_fast.kernels.paged_attention import paged_decode_attention_cpu, paged_decode_attention_ref
 from spice_fast.model.config import ModelConfig
-from spice_fast.model.layers import RMSNorm, RotaryEmbedding
+from spice_fast.model.layers import Linear, RMSNorm, RotaryEmbedding
 
 logger = logging.getLogger(__name__)
 
@@ -330,10 +330,10 @@ class Attention(nn.Module):
             config.num_heads * config.head_dim,
             config.num_kv_heads * config.head_dim,
         )
-        self.q_proj = nn.Linear(h, q_dim, bias=config.qkv_bias)
-        self.k_proj = nn.Linear(h, kv_dim, bias=config.qkv_bias)
-        self.v_proj = nn.Linear(h, kv_dim, bias=config.qkv_bias)
-        self.o_proj = nn.Linear(q_dim, h, bias=config.o_bias)
+        self.q_proj = Linear(h, q_dim, bias=config.qkv_bias)
+        self.k_proj = Linear(h, kv_dim, bias=config.qkv_bias)
+        self.v_proj = Linear(h, kv_dim, bias=config.qkv_bias)
+        self.o_proj = Linear(q_dim, h, bias=config.o_bias)
         if config.qk_norm:
             self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
             self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps)

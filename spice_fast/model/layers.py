@@ -10,9 +10,10 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from spice_fast.kernels.linear import linear
+from spice_fast.kernels.swiglu import swiglu
 from spice_fast.model.config import ModelConfig
 
 
@@ -85,13 +86,21 @@ class RotaryEmbedding(nn.Module):
         return (x32 * cos[:, None, :] + rotated * sin[:, None, :]).to(x.dtype)
 
 
+class Linear(nn.Linear):
+    """``nn.Linear`` (same parameters and state-dict names) whose product runs through
+    ``spice_fast.kernels.linear``: oneDNN on float32 CPU tensors, ``F.linear`` elsewhere."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
+
+
 class MLP(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         h, i, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
-        self.gate_proj = nn.Linear(h, i, bias=bias)
-        self.up_proj = nn.Linear(h, i, bias=bias)
-        self.down_proj = nn.Linear(i, h, bias=bias)
+        self.gate_proj = Linear(h, i, bias=bias)
+        self.up_proj = Linear(h, i, bias=bias)
+        self.down_proj = Linear(i, h, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))

@@ -13,13 +13,13 @@ Contract: ``model(input_ids)`` with ``[B, T]`` unpadded ids returns float32 logi
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from spice_fast.kernels.linear import linear
 from spice_fast.model.attention import Attention, AttentionBatch, PagedKVCache
 from spice_fast.model.config import ModelConfig
-from spice_fast.model.layers import MLP, RMSNorm, RotaryEmbedding
+from spice_fast.model.layers import MLP, Linear, RMSNorm, RotaryEmbedding
 
 
 class DecoderLayer(nn.Module):
@@ -50,7 +50,7 @@ class CausalLM(nn.Module):
         self.config = config
         self.model = Decoder(config)
         if not config.tie_word_embeddings:
-            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+            self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         self.gradient_checkpointing = False  # recompute each layer in backward to save memory
 
     @property
@@ -102,7 +102,7 @@ class CausalLM(nn.Module):
         return self.model.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [..., V] float32
-        return F.linear(hidden, self.lm_head_weight).float()
+        return linear(hidden, self.lm_head_weight).float()
 
     def hidden_states(self, input_ids: torch.Tensor) -> torch.Tensor:  # [B, T, H]
         b, t = self._check_ids(input_ids)

@@ -1,0 +1,107 @@
+"""CPU dense layers: ``spice_fast.kernels.linear`` (oneDNN) against torch's ``F.linear`` (MKL sgemm),
+and the C++ SwiGLU against ``F.silu(g) * u``, in one run.
+
+The shapes are those of the default model (SmolLM2-135M: hidden 576, MLP 1536, KV 192, vocabulary
+49152) at a sweep of row counts: 8 and 32 are decode steps (one row per sequence), 512 and 2583 a
+training micro-batch. ``cold`` cycles through enough distinct weight matrices (about 100 MB) that
+every product reads its weights from memory, as a decode step over 30 layers does; ``hot`` reuses one.
+Each line times the forward product (``fwd``) or the input gradient ``grad @ weight`` (``dgrad``, what
+the backward of a linear runs through oneDNN). Reports milliseconds, GFLOP/s and the speed-up.
+
+    python benches/bench_linear.py                 # the sweep above
+    python benches/bench_linear.py --rows 1,8,32 --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import print_json, print_table, time_interleaved  # noqa: E402
+from spice_fast.kernels.linear import linear, onednn_available  # noqa: E402
+from spice_fast.kernels.swiglu import cpu_kernel_available, swiglu, swiglu_ref  # noqa: E402
+
+SHAPES = {  # name: (in_features K, out_features N)
+    "q/o 576x576": (576, 576),
+    "k/v 576x192": (576, 192),
+    "gate/up 576x1536": (576, 1536),
+    "down 1536x576": (1536, 576),
+    "lm head 576x49152": (576, 49152),
+}
+
+
+def weights(n: int, k: int, cold: bool) -> list[torch.Tensor]:
+    count = max(1, (100 << 20) // (n * k * 4)) if cold else 1
+    return [torch.randn(n, k) * k**-0.5 for _ in range(count)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--rows", default="8,32,512,2583", help="comma-separated row counts")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    parser.add_argument("--repeat", type=int, default=5)
+    args = parser.parse_args()
+    if not onednn_available():
+        raise SystemExit("this torch build has no oneDNN: spice_fast.kernels.linear is F.linear here")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rows_list = [int(r) for r in args.rows.split(",")]
+    table, results = [], []
+    for m in rows_list:
+        for name, (k, n) in SHAPES.items():
+            if n > 10000 and m > 512:
+                continue  # the trainer never builds [rows, vocabulary] logits this large
+            cold = m <= 32
+            ws = weights(n, k, cold)
+            x, grad = torch.randn(m, k), torch.randn(m, n)
+            flops = 2 * m * n * k * len(ws)
+            cases = {
+                "fwd": {
+                    "torch": lambda ws=ws, x=x: [F.linear(x, w) for w in ws],
+                    "spice_fast": lambda ws=ws, x=x: [linear(x, w) for w in ws],
+                },
+                "dgrad": {
+                    "torch": lambda ws=ws, g=grad: [g @ w for w in ws],
+                    "spice_fast": lambda ws=ws, g=grad: [linear(g, w.t()) for w in ws],
+                },
+            }
+            for op, fns in cases.items():
+                if op == "dgrad" and m <= 32:
+                    continue  # decode runs no backward
+                torch.testing.assert_close(fns["spice_fast"]()[0], fns["torch"]()[0], rtol=1e-4, atol=1e-4)
+                t = time_interleaved(fns, warmup=2, repeat=args.repeat)
+                ratio = t["torch"] / t["spice_fast"]
+                table.append([m, name, op, "cold" if cold else "hot", t["torch"] * 1e3, t["spice_fast"] * 1e3,
+                              flops / t["torch"] / 1e9, flops / t["spice_fast"] / 1e9, ratio])  # fmt: skip
+                results.append({"rows": m, "shape": name, "op": op, "cold": cold, "torch_s": t["torch"],
+                                "ours_s": t["spice_fast"], "speedup": ratio})  # fmt: skip
+    print(f"CPU linear, float32, {torch.get_num_threads()} threads; times are per call over all weights")
+    print_table(["rows", "shape", "op", "weights", "torch ms", "spice_fast ms", "torch GFLOP/s",
+                 "spice_fast GFLOP/s", "speed-up"], table)  # fmt: skip
+
+    swiglu_rows = []
+    if cpu_kernel_available():
+        for m in rows_list:
+            g = torch.randn(m, 1536, requires_grad=True)
+            u = torch.randn(m, 1536, requires_grad=True)
+            dh = torch.randn(m, 1536)
+            fns = {"torch": lambda g=g, u=u, dh=dh: swiglu_ref(g, u).backward(dh),
+                   "spice_fast": lambda g=g, u=u, dh=dh: swiglu(g, u).backward(dh)}  # fmt: skip
+            t = time_interleaved(fns, warmup=2, repeat=args.repeat)
+            swiglu_rows.append([m, t["torch"] * 1e3, t["spice_fast"] * 1e3, t["torch"] / t["spice_fast"]])
+            results.append({"rows": m, "shape": "swiglu 1536", "op": "fwd+bwd", "torch_s": t["torch"],
+                            "ours_s": t["spice_fast"], "speedup": t["torch"] / t["spice_fast"]})  # fmt: skip
+        print("\nSwiGLU forward + backward, [rows, 1536] float32")
+        print_table(["rows", "torch ms", "spice_fast ms", "speed-up"], swiglu_rows)
+    print_json("linear", "cpu", results, threads=torch.get_num_threads())
+
+
+if __name__ == "__main__":
+    main()
