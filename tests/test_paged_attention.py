@@ -136,6 +136,24 @@ def test_cpu_kernel_matches_reference_fp32(group, block_size, threads):
     assert_error_rule(got, reference(q, k, v, tables, ctx, scale), exact, tiny=1e-6)
 
 
+def test_cpu_kernel_threads_on_long_contexts():
+    """Enough work (above 2^23 multiply-adds per thread) that the kernel splits sequences over threads."""
+    lens = [9000, 1, 17, 9000, 8000, 15000]
+    q, k, v, tables, ctx = make_case(
+        lens, num_kv_heads=2, group=7, head_dim=24, block_size=16, dtype=torch.float32
+    )
+    q, k, v, tables, ctx = (t.cpu() for t in (q, k, v, tables, ctx))
+    scale = 24**-0.5
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        got = paged_decode_attention_cpu(q, k, v, tables, ctx, scale)
+    finally:
+        torch.set_num_threads(before)
+    exact = reference(q.double(), k.double(), v.double(), tables, ctx, scale)
+    assert_error_rule(got, reference(q, k, v, tables, ctx, scale), exact, tiny=1e-6)
+
+
 def test_cpu_kernel_bf16_error_rule():
     lens = [1, 17, 300, 16, 64]
     q, k, v, tables, ctx = make_case(lens, num_kv_heads=3, group=3, head_dim=64, block_size=16,
