@@ -5,8 +5,10 @@ The shapes are those of the default model (SmolLM2-135M: hidden 576, MLP 1536, K
 49152) at a sweep of row counts: 8 and 32 are decode steps (one row per sequence), 512 and 2583 a
 training micro-batch. ``cold`` cycles through enough distinct weight matrices (about 100 MB) that
 every product reads its weights from memory, as a decode step over 30 layers does; ``hot`` reuses one.
-Each line times the forward product (``fwd``) or the input gradient ``grad @ weight`` (``dgrad``, what
-the backward of a linear runs through oneDNN). Reports milliseconds, GFLOP/s and the speed-up.
+Each line times the forward product (``fwd``), or the forward and the backward to the input
+(``fwd+dgrad``, the weight frozen). spice_fast's side is ``linear`` as the model calls it, so shapes it
+leaves to torch (small weights, small batches' input gradients) time torch on both sides. Reports
+milliseconds, GFLOP/s (the forward's FLOPs, twice that with the input gradient) and the speed-up.
 
     python benches/bench_linear.py                 # the sweep above
     python benches/bench_linear.py --rows 1,8,32 --threads 2
@@ -61,25 +63,31 @@ def main() -> None:
             cold = m <= 32
             ws = weights(n, k, cold)
             x, grad = torch.randn(m, k), torch.randn(m, n)
-            flops = 2 * m * n * k * len(ws)
+            xg = x.clone().requires_grad_()
+            flops = 2 * m * n * k * len(ws)  # per product
             cases = {
                 "fwd": {
                     "torch": lambda ws=ws, x=x: [F.linear(x, w) for w in ws],
                     "spice_fast": lambda ws=ws, x=x: [linear(x, w) for w in ws],
                 },
-                "dgrad": {
-                    "torch": lambda ws=ws, g=grad: [g @ w for w in ws],
-                    "spice_fast": lambda ws=ws, g=grad: [linear(g, w.t()) for w in ws],
+                "fwd+dgrad": {  # the forward and the input gradient, as a frozen-weight backward runs
+                    "torch": lambda ws=ws, x=xg, g=grad: [F.linear(x, w).backward(g) for w in ws],
+                    "spice_fast": lambda ws=ws, x=xg, g=grad: [linear(x, w).backward(g) for w in ws],
                 },
             }
             for op, fns in cases.items():
-                if op == "dgrad" and m <= 32:
+                if op == "fwd+dgrad" and m <= 32:
                     continue  # decode runs no backward
-                torch.testing.assert_close(fns["spice_fast"]()[0], fns["torch"]()[0], rtol=1e-4, atol=1e-4)
+                if op == "fwd":
+                    torch.testing.assert_close(
+                        fns["spice_fast"]()[0], fns["torch"]()[0], rtol=1e-4, atol=1e-4
+                    )
                 t = time_interleaved(fns, warmup=2, repeat=args.repeat)
                 ratio = t["torch"] / t["spice_fast"]
+                op_flops = flops * (2 if op == "fwd+dgrad" else 1)
+                gflops = [op_flops / t[side] / 1e9 for side in ("torch", "spice_fast")]
                 table.append([m, name, op, "cold" if cold else "hot", t["torch"] * 1e3, t["spice_fast"] * 1e3,
-                              flops / t["torch"] / 1e9, flops / t["spice_fast"] / 1e9, ratio])  # fmt: skip
+                              *gflops, ratio])  # fmt: skip
                 results.append({"rows": m, "shape": name, "op": op, "cold": cold, "torch_s": t["torch"],
                                 "ours_s": t["spice_fast"], "speedup": ratio})  # fmt: skip
     print(f"CPU linear, float32, {torch.get_num_threads()} threads; times are per call over all weights")

@@ -206,28 +206,30 @@ def packed_causal_attention(
 def _segment_attention(q, k, v, batch: AttentionBatch, scale: float) -> torch.Tensor:
     """Shared-prefix segments: the prefix as one causal sequence, then each branch over the prefix's
     keys and its own (causally). Work ~ P^2 / 2 + sum(n * (P + n)), not the (P + sum(n))^2 of one
-    masked call over the segment."""
-    bounds = batch.cu_seqlens.tolist()
-    outs = []
-    for start, (prefix, branches) in zip(bounds[:-1], batch.segments, strict=True):
-        if sum(1 for n in branches if n) <= 1:  # prefix + one branch: one causal sequence
-            end = start + prefix + sum(branches)
-            outs.append(_sdpa_causal(q[None, start:end], k[None, start:end], v[None, start:end], scale)[0])
+    masked call over the segment. The pieces come from one ``split`` per tensor, whose backward
+    assembles the gradient in one pass (a slice's backward zero-fills a full-size tensor per piece)."""
+    sizes = []  # a segment with at most one non-empty branch is one piece, else prefix, then branches
+    for prefix, branches in batch.segments:
+        live = [n for n in branches if n]
+        sizes += [prefix + sum(live)] if len(live) <= 1 else [prefix, *live]
+    if sum(sizes) != q.shape[0]:
+        raise ValueError(f"segments cover {sum(sizes)} tokens, the batch has {q.shape[0]}")
+    qs, ks, vs = q.split(sizes), k.split(sizes), v.split(sizes)
+    outs, i = [], 0
+    for prefix, branches in batch.segments:
+        live = [n for n in branches if n]
+        if len(live) <= 1:  # prefix + one branch: one causal sequence
+            outs.append(_sdpa_causal(qs[i][None], ks[i][None], vs[i][None], scale)[0])
+            i += 1
             continue
-        p_end = start + prefix
+        k_prefix, v_prefix = ks[i], vs[i]
         if prefix:
-            outs.append(
-                _sdpa_causal(q[None, start:p_end], k[None, start:p_end], v[None, start:p_end], scale)[0]
-            )
-        offset = p_end
-        for n in branches:
-            if not n:
-                continue
-            s, e = offset, offset + n
-            keys = torch.cat([k[start:p_end], k[s:e]])
-            values = torch.cat([v[start:p_end], v[s:e]])
-            outs.append(_sdpa_masked(q[s:e], keys, values, _causal_after(prefix, n, q.device), scale))
-            offset = e
+            outs.append(_sdpa_causal(qs[i][None], k_prefix[None], v_prefix[None], scale)[0])
+        i += 1
+        for n in live:
+            keys, values = torch.cat([k_prefix, ks[i]]), torch.cat([v_prefix, vs[i]])
+            outs.append(_sdpa_masked(qs[i], keys, values, _causal_after(prefix, n, q.device), scale))
+            i += 1
     return torch.cat(outs, dim=0)
 
 
