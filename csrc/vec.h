@@ -68,6 +68,14 @@ SPICE_INLINE float hsum(f32x16 v) {
     return (s4[0] + s4[2]) + (s4[1] + s4[3]);
 }
 
+// A last partial vector is read through a zero-padded copy and written back in part.
+SPICE_INLINE f32x16 load_part(const float* p, int64_t n) {
+    float tmp[kLanes] = {};
+    std::memcpy(tmp, p, n * sizeof(float));
+    return load16(tmp);
+}
+SPICE_INLINE void store_part(float* p, f32x16 v, int64_t n) { std::memcpy(p, &v, n * sizeof(float)); }
+
 typedef int32_t i32x16 __attribute__((vector_size(64)));
 
 // e^x for x <= 0 (lane-wise), branch-free: x = n ln2 + r with |r| <= ln2 / 2 (n rounded to nearest

@@ -1,10 +1,12 @@
-// pybind11 module spice_fast._cpu_ops: CPU kernels of the model's layers (swiglu.h).
-// Tensors arrive as data pointers with their element count; spice_fast.kernels.swiglu checks devices,
-// dtypes, shapes and contiguity before calling.
+// pybind11 module spice_fast._cpu_ops: CPU kernels of the model's layers (rms_norm.h, rope.h, swiglu.h).
+// Tensors arrive as data pointers with their sizes; spice_fast.kernels.rms_norm, .rope and .swiglu check
+// devices, dtypes, shapes and contiguity before calling.
 #include <pybind11/pybind11.h>
 
 #include <cstdint>
 
+#include "ops/rms_norm.h"
+#include "ops/rope.h"
 #include "ops/swiglu.h"
 
 namespace py = pybind11;
@@ -15,7 +17,39 @@ float* out(uintptr_t p) { return reinterpret_cast<float*>(p); }
 }  // namespace
 
 PYBIND11_MODULE(_cpu_ops, m) {
-    m.doc() = "CPU kernels of the model's layers (see spice_fast.kernels.swiglu for the Python face)";
+    m.doc() = "CPU kernels of the model's layers (Python faces: spice_fast.kernels.rms_norm, .rope, .swiglu)";
+    m.def(
+        "rope",
+        [](uintptr_t x, uintptr_t cos, uintptr_t sin, uintptr_t y, int64_t tokens, int64_t heads, int64_t dim,
+           bool backward, int num_threads) {
+            if (tokens < 0 || heads < 0 || dim <= 0 || dim % 2)
+                throw py::value_error("tokens and heads must be non-negative and dim positive and even");
+            py::gil_scoped_release release;
+            spice_ops::rope(in(x), in(cos), in(sin), out(y), tokens, heads, dim, backward, num_threads);
+        },
+        py::arg("x"), py::arg("cos"), py::arg("sin"), py::arg("y"), py::arg("tokens"), py::arg("heads"),
+        py::arg("dim"), py::arg("backward"), py::arg("num_threads"));
+    m.def(
+        "rms_norm_forward",
+        [](uintptr_t x, uintptr_t w, uintptr_t y, uintptr_t rstd, int64_t rows, int64_t dim, double eps,
+           int num_threads) {
+            if (rows < 0 || dim <= 0) throw py::value_error("rows must be non-negative and dim positive");
+            py::gil_scoped_release release;
+            spice_ops::rms_norm_forward(in(x), in(w), out(y), out(rstd), rows, dim, static_cast<float>(eps),
+                                        num_threads);
+        },
+        py::arg("x"), py::arg("w"), py::arg("y"), py::arg("rstd"), py::arg("rows"), py::arg("dim"), py::arg("eps"),
+        py::arg("num_threads"));
+    m.def(
+        "rms_norm_backward",
+        [](uintptr_t dy, uintptr_t x, uintptr_t w, uintptr_t rstd, uintptr_t dx, uintptr_t dw, int64_t rows,
+           int64_t dim, int num_threads) {
+            if (rows < 0 || dim <= 0) throw py::value_error("rows must be non-negative and dim positive");
+            py::gil_scoped_release release;
+            spice_ops::rms_norm_backward(in(dy), in(x), in(w), in(rstd), out(dx), out(dw), rows, dim, num_threads);
+        },
+        py::arg("dy"), py::arg("x"), py::arg("w"), py::arg("rstd"), py::arg("dx"), py::arg("dw"), py::arg("rows"),
+        py::arg("dim"), py::arg("num_threads"));
     m.def(
         "swiglu_forward",
         [](uintptr_t g, uintptr_t u, uintptr_t h, int64_t n, int num_threads) {

@@ -13,6 +13,8 @@ import torch
 from torch import nn
 
 from spice_fast.kernels.linear import linear
+from spice_fast.kernels.rms_norm import rms_norm
+from spice_fast.kernels.rope import rope
 from spice_fast.kernels.swiglu import swiglu
 from spice_fast.model.config import ModelConfig
 
@@ -24,10 +26,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # The statistic in fp32 whatever the activation dtype: bf16 sums of squares lose digits.
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        # The statistic in fp32 whatever the activation dtype (bf16 sums of squares lose digits); one
+        # C++ pass on float32 CPU tensors (spice_fast.kernels.rms_norm).
+        return rms_norm(x, self.weight, self.eps)
 
 
 def rope_inv_freq(config: ModelConfig) -> torch.Tensor:  # [head_dim // 2] float32
@@ -79,11 +80,8 @@ class RotaryEmbedding(nn.Module):
 
     @staticmethod
     def apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        # x [N, heads, D]; cos/sin [N, D] in fp32.
-        half = x.shape[-1] // 2
-        x32 = x.float()
-        rotated = torch.cat((-x32[..., half:], x32[..., :half]), dim=-1)
-        return (x32 * cos[:, None, :] + rotated * sin[:, None, :]).to(x.dtype)
+        # x [N, heads, D]; cos/sin [N, D] in fp32; one C++ pass on float32 CPU tensors.
+        return rope(x, cos, sin)
 
 
 class Linear(nn.Linear):
