@@ -25,8 +25,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import print_json, print_table, time_interleaved  # noqa: E402
+from spice_fast.kernels._utils import cpu_ops_available
 from spice_fast.kernels.linear import linear, onednn_available  # noqa: E402
-from spice_fast.kernels.swiglu import cpu_kernel_available, swiglu, swiglu_ref  # noqa: E402
+from spice_fast.kernels.swiglu import swiglu, swiglu_ref  # noqa: E402
 
 SHAPES = {  # name: (in_features K, out_features N)
     "q/o 576x576": (576, 576),
@@ -95,7 +96,7 @@ def main() -> None:
                  "spice_fast GFLOP/s", "speed-up"], table)  # fmt: skip
 
     swiglu_rows = []
-    if cpu_kernel_available():
+    if cpu_ops_available():
         for m in rows_list:
             g = torch.randn(m, 1536, requires_grad=True)
             u = torch.randn(m, 1536, requires_grad=True)

@@ -54,6 +54,44 @@ def pick_backend(backend: str | None, *tensors: torch.Tensor) -> str:
     return "triton"
 
 
+# The CPU fast paths take plain tensors and parameters, not DTensor or other subclasses.
+PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+CPP_BACKENDS = ("auto", "cpp", "torch")
+_cpu_ops_module: list = []  # [module or None], filled on first use
+
+
+def cpu_ops():
+    """``spice_fast._cpu_ops`` (the C++ layer kernels of csrc/ops: RMSNorm, RoPE, SwiGLU), or None
+    where it is not built (it is part of ``pip install .``); said once in the log."""
+    if not _cpu_ops_module:
+        try:
+            from spice_fast import _cpu_ops as module
+        except ImportError:
+            module = None
+            log.warning("spice_fast._cpu_ops is not built: RMSNorm, RoPE and SwiGLU run as torch operations")
+        _cpu_ops_module.append(module)
+    return _cpu_ops_module[0]
+
+
+def cpu_ops_available() -> bool:
+    return cpu_ops() is not None
+
+
+def pick_cpp_backend(backend: str | None, env: str) -> str:
+    """Resolve ``backend`` (argument, then the environment variable ``env``) to ``"cpp"`` or ``"torch"``:
+    ``auto`` takes the C++ kernels when built; forcing ``cpp`` without them raises ``ValueError``."""
+    choice = backend if backend is not None else os.environ.get(env, "auto").lower()
+    if choice not in CPP_BACKENDS:
+        raise ValueError(f"backend must be one of {CPP_BACKENDS} (or {env}), got {choice!r}")
+    if choice == "torch":
+        return "torch"
+    if cpu_ops_available():
+        return "cpp"
+    if choice == "cpp":
+        raise ValueError("backend='cpp' was forced but spice_fast._cpu_ops is not built")
+    return "torch"
+
+
 def interpreter_ready() -> bool:
     """True when Triton kernels can run interpreted on CPU tensors in this process."""
     if not interpret_mode() or not triton_available():

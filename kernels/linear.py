@@ -6,9 +6,8 @@
   (``torch.ops.mkldnn._linear_pointwise``, the op torch's inductor uses for CPU linears), straight on
   the parameter tensor: no packed or second copy of the weights, so the sampler and the trainer still
   read one set of parameters. The weight gradient ``g.T @ x`` stays on torch's GEMM, which is as fast
-  or faster for that shape. Everywhere else
-  (CUDA, bf16/fp16, a build without oneDNN, DTensor weights, empty inputs, weights under
-  ``MIN_WEIGHT_NUMEL`` elements) it is ``linear_ref``.
+  or faster for that shape. Everywhere else (CUDA, bf16/fp16, a build without oneDNN, DTensor
+  weights, empty inputs, weights under ``MIN_WEIGHT_NUMEL`` elements) it is ``linear_ref``.
 
 Why: torch's CPU ``mm`` calls MKL's sgemm, which takes its generic code path on AMD processors. On
 the 2-core AMD EPYC (Zen 4) this project is developed on, oneDNN computes the LM head 2.1-2.2x and
@@ -28,6 +27,8 @@ import os
 import torch
 import torch.nn.functional as F
 
+from ._utils import PLAIN_TENSORS
+
 log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "onednn", "torch")
@@ -45,8 +46,6 @@ def onednn_available() -> bool:
     )
 
 
-_PLAIN = (torch.Tensor, torch.nn.Parameter)
-
 # Measured with benches/bench_linear.py on the 2-core Zen 4: oneDNN's per-call cost outweighs its
 # faster kernel for small weights (the 576x192 K/V and 576x576 Q/O projections run 0.7-1.0x torch's
 # speed through it), and its input-gradient product only wins on large batches.
@@ -60,9 +59,9 @@ def _applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -
         and x.dtype == torch.float32
         and weight.dtype == torch.float32
         and weight.dim() == 2
-        and type(x) in _PLAIN
-        and type(weight) in _PLAIN
-        and (bias is None or (type(bias) in _PLAIN and bias.dtype == torch.float32))
+        and type(x) in PLAIN_TENSORS
+        and type(weight) in PLAIN_TENSORS
+        and (bias is None or (type(bias) in PLAIN_TENSORS and bias.dtype == torch.float32))
         and x.numel() > 0
         and x.shape[-1] == weight.shape[1]
         and weight.numel() >= MIN_WEIGHT_NUMEL

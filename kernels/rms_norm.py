@@ -15,14 +15,9 @@ tests/test_rms_norm.py compares values and gradients with the reference.
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-from .swiglu import cpu_kernel_available
-
-BACKENDS = ("auto", "cpp", "torch")
-_PLAIN = (torch.Tensor, torch.nn.Parameter)  # not DTensor or other subclasses
+from ._utils import PLAIN_TENSORS, cpu_ops, pick_cpp_backend
 
 
 def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -31,29 +26,10 @@ def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Ten
     return weight * x32.to(x.dtype)
 
 
-def _pick(backend: str | None) -> str:
-    choice = backend if backend is not None else os.environ.get("SPICE_FAST_RMS_NORM", "auto").lower()
-    if choice not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS} (or SPICE_FAST_RMS_NORM), got {choice!r}")
-    if choice == "torch":
-        return "torch"
-    if cpu_kernel_available():
-        return "cpp"
-    if choice == "cpp":
-        raise ValueError("backend='cpp' was forced but spice_fast._cpu_ops is not built")
-    return "torch"
-
-
-def _ext():
-    from spice_fast import _cpu_ops
-
-    return _cpu_ops
-
-
 def _forward(x2: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     rows, dim = x2.shape
     y, rstd = torch.empty_like(x2), torch.empty(rows, dtype=torch.float32)
-    _ext().rms_norm_forward(
+    cpu_ops().rms_norm_forward(
         x2.data_ptr(),
         weight.data_ptr(),
         y.data_ptr(),
@@ -79,7 +55,7 @@ class _RMSNorm(torch.autograd.Function):
         grad = grad.contiguous()
         grad_x, grad_w = torch.empty_like(x2), torch.empty_like(weight)
         rows, dim = x2.shape
-        _ext().rms_norm_backward(
+        cpu_ops().rms_norm_backward(
             grad.data_ptr(), x2.data_ptr(), weight.data_ptr(), rstd.data_ptr(), grad_x.data_ptr(),
             grad_w.data_ptr(), rows, dim, torch.get_num_threads(),
         )  # fmt: skip
@@ -93,14 +69,14 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, backend: str | N
             f"weight must be [{x.shape[-1]}] for x of shape {tuple(x.shape)}, got {tuple(weight.shape)}"
         )
     if (
-        type(x) not in _PLAIN
-        or type(weight) not in _PLAIN
+        type(x) not in PLAIN_TENSORS
+        or type(weight) not in PLAIN_TENSORS
         or x.device.type != "cpu"
         or weight.device.type != "cpu"
         or x.dtype != torch.float32
         or weight.dtype != torch.float32
         or x.numel() == 0
-        or _pick(backend) == "torch"
+        or pick_cpp_backend(backend, "SPICE_FAST_RMS_NORM") == "torch"
     ):
         return rms_norm_ref(x, weight, eps)
     x2 = x.reshape(-1, x.shape[-1]).contiguous()

@@ -14,14 +14,9 @@ tests/test_rope.py compares values and gradients with the reference.
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-from .swiglu import cpu_kernel_available
-
-BACKENDS = ("auto", "cpp", "torch")
-_PLAIN = (torch.Tensor, torch.nn.Parameter)  # not DTensor or other subclasses
+from ._utils import PLAIN_TENSORS, cpu_ops, pick_cpp_backend
 
 
 def rope_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -32,25 +27,10 @@ def rope_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Ten
     return (x32 * cos[:, None, :] + rotated * sin[:, None, :]).to(x.dtype)
 
 
-def _pick(backend: str | None) -> str:
-    choice = backend if backend is not None else os.environ.get("SPICE_FAST_ROPE", "auto").lower()
-    if choice not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS} (or SPICE_FAST_ROPE), got {choice!r}")
-    if choice == "torch":
-        return "torch"
-    if cpu_kernel_available():
-        return "cpp"
-    if choice == "cpp":
-        raise ValueError("backend='cpp' was forced but spice_fast._cpu_ops is not built")
-    return "torch"
-
-
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool) -> torch.Tensor:
-    from spice_fast import _cpu_ops
-
     y = torch.empty_like(x)
     n, heads, dim = x.shape
-    _cpu_ops.rope(
+    cpu_ops().rope(
         x.data_ptr(),
         cos.data_ptr(),
         sin.data_ptr(),
@@ -84,7 +64,7 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backend: str | N
             f"cos {tuple(cos.shape)}, sin {tuple(sin.shape)}"
         )
     if (
-        type(x) not in _PLAIN
+        type(x) not in PLAIN_TENSORS
         or x.device.type != "cpu"
         or x.dtype != torch.float32
         or cos.dtype != torch.float32
@@ -92,7 +72,7 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backend: str | N
         or cos.requires_grad
         or sin.requires_grad
         or x.numel() == 0
-        or _pick(backend) == "torch"
+        or pick_cpp_backend(backend, "SPICE_FAST_ROPE") == "torch"
     ):
         return rope_ref(x, cos, sin)
     x, cos, sin = x.contiguous(), cos.contiguous(), sin.contiguous()

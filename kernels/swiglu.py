@@ -15,55 +15,23 @@ tests/test_swiglu.py compares values and gradients with the reference.
 
 from __future__ import annotations
 
-import logging
-import os
-
 import torch
 import torch.nn.functional as F
 
-log = logging.getLogger(__name__)
+from ._utils import PLAIN_TENSORS, cpu_ops, pick_cpp_backend
 
-BACKENDS = ("auto", "cpp", "torch")
-
-_PLAIN = (torch.Tensor, torch.nn.Parameter)  # not DTensor or other subclasses
 # Below this many elements (decode steps, small batches) torch's own element-wise kernels are as fast
 # and the fused kernel only adds call overhead (benches/bench_linear.py).
 MIN_NUMEL = 1 << 20
-_ext: list = []  # [module or None], filled on first use
 
 
 def swiglu_ref(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
-def cpu_kernel_available() -> bool:
-    """Whether the C++ kernel is built (it is part of ``pip install .``)."""
-    if not _ext:
-        try:
-            from spice_fast import _cpu_ops
-        except ImportError:
-            _cpu_ops = None
-            log.warning("spice_fast._cpu_ops is not built: SwiGLU runs as separate torch operations")
-        _ext.append(_cpu_ops)
-    return _ext[0] is not None
-
-
-def _pick(backend: str | None) -> str:
-    choice = backend if backend is not None else os.environ.get("SPICE_FAST_SWIGLU", "auto").lower()
-    if choice not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS} (or SPICE_FAST_SWIGLU), got {choice!r}")
-    if choice == "torch":
-        return "torch"
-    if cpu_kernel_available():
-        return "cpp"
-    if choice == "cpp":
-        raise ValueError("backend='cpp' was forced but spice_fast._cpu_ops is not built")
-    return "torch"
-
-
 def _forward(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     out = torch.empty_like(gate)
-    _ext[0].swiglu_forward(
+    cpu_ops().swiglu_forward(
         gate.data_ptr(), up.data_ptr(), out.data_ptr(), gate.numel(), torch.get_num_threads()
     )
     return out
@@ -80,7 +48,7 @@ class _SwiGLU(torch.autograd.Function):
         gate, up = ctx.saved_tensors
         grad = grad.contiguous()
         grad_gate, grad_up = torch.empty_like(gate), torch.empty_like(up)
-        _ext[0].swiglu_backward(
+        cpu_ops().swiglu_backward(
             grad.data_ptr(), gate.data_ptr(), up.data_ptr(), grad_gate.data_ptr(), grad_up.data_ptr(),
             gate.numel(), torch.get_num_threads(),
         )  # fmt: skip
@@ -93,18 +61,15 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, backend: str | None = None) -> 
         raise ValueError(
             f"gate and up must have the same shape, got {tuple(gate.shape)} and {tuple(up.shape)}"
         )
-    plain = type(gate) in (torch.Tensor, torch.nn.Parameter) and type(up) in (
-        torch.Tensor,
-        torch.nn.Parameter,
-    )
     if (
-        not plain
+        type(gate) not in PLAIN_TENSORS
+        or type(up) not in PLAIN_TENSORS
         or gate.device.type != "cpu"
         or up.device.type != "cpu"
         or gate.dtype != torch.float32
         or up.dtype != torch.float32
         or (gate.numel() < MIN_NUMEL and backend is None)
-        or _pick(backend) == "torch"
+        or pick_cpp_backend(backend, "SPICE_FAST_SWIGLU") == "torch"
     ):
         return swiglu_ref(gate, up)
     gate, up = gate.contiguous(), up.contiguous()

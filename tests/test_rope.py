@@ -8,10 +8,10 @@ import pytest
 import torch
 from helpers import assert_error_rule
 from spice_fast.kernels import rope as rope_mod
+from spice_fast.kernels._utils import cpu_ops_available
 from spice_fast.kernels.rope import rope, rope_ref
-from spice_fast.kernels.swiglu import cpu_kernel_available
 
-needs_ext = pytest.mark.skipif(not cpu_kernel_available(), reason="spice_fast._cpu_ops is not built")
+needs_ext = pytest.mark.skipif(not cpu_ops_available(), reason="spice_fast._cpu_ops is not built")
 
 
 def _angles(n, dim, gen):

@@ -7,9 +7,10 @@ import pytest
 import torch
 from helpers import assert_error_rule
 from spice_fast.kernels import swiglu as swiglu_mod
-from spice_fast.kernels.swiglu import cpu_kernel_available, swiglu, swiglu_ref
+from spice_fast.kernels._utils import cpu_ops_available
+from spice_fast.kernels.swiglu import swiglu, swiglu_ref
 
-needs_ext = pytest.mark.skipif(not cpu_kernel_available(), reason="spice_fast._cpu_ops is not built")
+needs_ext = pytest.mark.skipif(not cpu_ops_available(), reason="spice_fast._cpu_ops is not built")
 
 
 @pytest.fixture(autouse=True)
