@@ -1,6 +1,7 @@
 // Paged decode attention on the CPU, reading the KV blocks in place (see paged_decode.h).
 #include "attention/paged_decode.h"
 
+#include "parallel.h"
 #include "vec.h"
 
 #include <algorithm>
@@ -10,7 +11,6 @@
 #include <limits>
 #include <stdexcept>
 #include <string>
-#include <thread>
 #include <vector>
 
 namespace spice_attention {
@@ -114,7 +114,7 @@ SPICE_CLONES void run_tasks_bf16(const DecodeArgs* a, Scratch* w, int64_t begin,
     for (int64_t seq = begin; seq < end; ++seq) attend_seq<uint16_t>(*a, *w, seq);
 }
 
-constexpr int64_t kMinWorkPerThread = int64_t(1) << 23;
+constexpr int64_t kMinWorkPerThread = int64_t(1) << 18;
 
 }  // namespace
 
@@ -141,32 +141,18 @@ void paged_decode(const DecodeArgs& a, DType dtype, int num_threads) {
     const int64_t tasks = a.num_seqs;
     int64_t work = 0;  // multiply-adds of the scores and the weighted sum
     for (int64_t s = 0; s < a.num_seqs; ++s) work += 2 * a.context_lens[s] * a.num_heads * a.head_dim;
-    // A thread started here competes for a core with torch's OpenMP workers, which spin for a while
-    // after every parallel region (the GEMMs just before): below a few milliseconds of work one thread
-    // finishes sooner (in the engine, 32 sequences of 80 tokens: 0.43 ms on one thread, 0.66 ms on two).
+    // The threads are torch's OpenMP workers (csrc/parallel.h), so a parallel call costs microseconds;
+    // below kMinWorkPerThread multiply-adds per thread one thread still finishes sooner.
     const int64_t by_work = std::max<int64_t>(1, work / kMinWorkPerThread);
     const int64_t threads = std::max<int64_t>(1, std::min<int64_t>({int64_t(num_threads), tasks, by_work}));
-    if (threads == 1) {
-        Scratch w(a);
-        run(&a, &w, 0, tasks);
-        return;
-    }
     // Tasks are handed out in small chunks, so sequences of different lengths balance across threads.
     std::atomic<int64_t> next{0};
     const int64_t chunk = std::max<int64_t>(1, tasks / (threads * 4));
-    auto worker = [&]() {
+    spice_parallel::run_on_threads(threads, [&](int64_t) {
         Scratch w(a);
-        for (;;) {
-            const int64_t begin = next.fetch_add(chunk);
-            if (begin >= tasks) return;
+        for (int64_t begin = next.fetch_add(chunk); begin < tasks; begin = next.fetch_add(chunk))
             run(&a, &w, begin, std::min(tasks, begin + chunk));
-        }
-    };
-    std::vector<std::thread> pool;
-    pool.reserve(threads - 1);
-    for (int64_t i = 1; i < threads; ++i) pool.emplace_back(worker);
-    worker();
-    for (auto& t : pool) t.join();
+    });
 }
 
 }  // namespace spice_attention

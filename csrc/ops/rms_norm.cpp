@@ -7,13 +7,14 @@
 #include <utility>
 #include <vector>
 
-#include "ops/parallel.h"
+#include "parallel.h"
 #include "vec.h"
 
 namespace spice_ops {
 namespace {
 
 using namespace spice_vec;
+using spice_parallel::parallel_ranges;
 
 // Sum over one row of a[i] * b[i].
 SPICE_INLINE float dot_row(const float* a, const float* b, int64_t dim) {

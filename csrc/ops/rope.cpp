@@ -3,13 +3,14 @@
 
 #include <algorithm>
 
-#include "ops/parallel.h"
+#include "parallel.h"
 #include "vec.h"
 
 namespace spice_ops {
 namespace {
 
 using namespace spice_vec;
+using spice_parallel::parallel_ranges;
 
 // One head's row, n values of each half starting at i. The backward is the forward with sin negated
 // and taken from the other half.

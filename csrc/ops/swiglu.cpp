@@ -3,13 +3,14 @@
 
 #include <cmath>
 
-#include "ops/parallel.h"
+#include "parallel.h"
 #include "vec.h"
 
 namespace spice_ops {
 namespace {
 
 using namespace spice_vec;
+using spice_parallel::parallel_ranges;
 
 // sigmoid(x) from e = e^-|x| in (0, 1]: 1 / (1 + e) for x >= 0, e / (1 + e) below, so e^x never
 // overflows.
