@@ -228,3 +228,33 @@ def test_shared_prefix_batch_equals_each_branch_run_alone():
         assert_close(hidden[offset:], model.hidden_states(lone[None])[0], atol=1e-12, name="plain segment")
     with pytest.raises(ValueError, match="bad segment"):
         AttentionBatch.shared_prefix([(3, [-1])], "cpu")
+
+
+def test_prefix_tree_batch_equals_each_path_run_alone():
+    """A two-level tree: a document prefix, a branch of its own, a shared suffix with three branches
+    under it (one empty), and a chain (a node with one child) that is one causal run."""
+    model = ours_from_hf(hf_model("llama", tied=True)).double()
+    gen = torch.Generator().manual_seed(1)
+    tok = lambda n: torch.randint(0, VOCAB, (n,), generator=gen)  # noqa: E731
+    prefix, own, shared, leaves = tok(6), tok(4), tok(5), [tok(3), tok(0), tok(2)]
+    chain_root, chain_mid, chain_leaf = tok(2), tok(3), tok(4)
+    ids = torch.cat([prefix, own, shared, *leaves, chain_root, chain_mid, chain_leaf])
+    batch = AttentionBatch.shared_prefix([(6, [4, (5, [3, 0, 2])]), (2, [(3, [4])])], "cpu")
+    assert batch.segments == [(6, [(4, []), (5, [(3, []), (2, [])])]), (9, [])]  # collapsed
+    assert batch.positions.tolist()[:20] == [*range(10), *range(6, 11), 11, 12, 13, 11, 12]
+    with torch.no_grad():
+        hidden = model.forward_hidden(ids, batch)
+        paths = [
+            ([prefix, own], [(0, 6), (6, 10)]),
+            ([prefix, shared, leaves[0]], [(0, 6), (10, 15), (15, 18)]),
+            ([prefix, shared, leaves[2]], [(0, 6), (10, 15), (18, 20)]),
+            ([chain_root, chain_mid, chain_leaf], [(20, 29)]),
+        ]
+        for parts, spans in paths:
+            alone = model.hidden_states(torch.cat(parts)[None])[0]
+            got = torch.cat([hidden[a:b] for a, b in spans])
+            assert_close(got, alone, atol=1e-12, name=f"path of {len(parts)} parts")
+    with pytest.raises(ValueError, match="bad segment"):
+        AttentionBatch.shared_prefix([(3, [(2, "x")])], "cpu")
+    with pytest.raises(ValueError, match="no tokens"):
+        AttentionBatch.shared_prefix([(0, [0, (0, [])])], "cpu")

@@ -5,10 +5,12 @@
   sequence. Backends: flash-attn's varlen kernel on a GPU when installed (fp16/bf16), else PyTorch
   SDPA (one batched call when all sequences have the same length, one call per sequence otherwise).
   ``AttentionBatch.shared_prefix`` packs a group of sequences that start with the same tokens as one
-  segment: the prefix once, then each sequence's remainder (a branch) that attends to the prefix and
-  causally to itself, never to the other branches. A training pass then runs a document shared by G
-  challenger samples once instead of G times; the prefix runs as a causal sequence and each branch
-  as one SDPA call over the prefix's keys and its own (a boolean mask of branch x (prefix + branch)).
+  segment, a prefix tree: the prefix once, then each sequence's remainder (a branch) that attends to
+  the prefix and causally to itself, never to the other branches; a branch may again be shared (the
+  answer-type part of the prompts of a document's samples of one type). A training pass then runs a
+  document shared by G challenger samples once instead of G times; a root runs as a causal sequence
+  and every other node as one SDPA call over its ancestors' keys and its own (a boolean mask of
+  node x (ancestors + node)).
 * Paged decode mode (sampler): one new token per sequence attends over its KV blocks in a
   ``PagedKVCache``: flash-attn's ``flash_attn_with_kvcache`` on a GPU when installed and the block
   size is a multiple of 256 (its paging granularity), else the Triton kernel of
@@ -65,6 +67,39 @@ def _flash_fn(name: str):
     return getattr(module, name, None) if module is not None else None
 
 
+# A prefix tree of token runs: (length, children); a child is a leaf length or a subtree.
+PrefixTree = tuple[int, list["int | PrefixTree"]]
+
+
+def _check_tree(node) -> tuple[int, list]:
+    """``node`` as nested (length, [children]) tuples, leaves as (n, []); a clear error if malformed."""
+    if isinstance(node, int) and not isinstance(node, bool):
+        node = (node, [])
+    ok = isinstance(node, tuple | list) and len(node) == 2 and isinstance(node[0], int) and node[0] >= 0
+    if not ok or not isinstance(node[1], list | tuple):
+        raise ValueError(f"bad segment: {node!r} is not a length >= 0 or (length, [children])")
+    return (node[0], [_check_tree(child) for child in node[1]])
+
+
+def _tree_tokens(node) -> int:
+    return node[0] + sum(_tree_tokens(child) for child in node[1])
+
+
+def _tree_positions(node, start: int, out: list[torch.Tensor]) -> None:
+    out.append(torch.arange(start, start + node[0]))
+    for child in node[1]:
+        _tree_positions(child, start + node[0], out)
+
+
+def _collapse(node) -> tuple[int, list]:
+    """The same attention pattern with fewest pieces: empty subtrees dropped, and a node with one child
+    merged into it (the child follows its tokens directly, so the two are one causal run)."""
+    length, children = node[0], [_collapse(c) for c in node[1] if _tree_tokens(c)]
+    while len(children) == 1:
+        length, children = length + children[0][0], children[0][1]
+    return (length, children)
+
+
 @dataclass
 class AttentionBatch:
     """Where each token of a flat ``[N]`` batch sits; built by ``packed()`` or ``decode()``."""
@@ -76,7 +111,7 @@ class AttentionBatch:
     slot_mapping: torch.Tensor | None = None  # [N] int64 KV-pool slot of each token, to write K/V
     block_tables: torch.Tensor | None = None  # [B, max_blocks] int32 (decode mode)
     context_lens: torch.Tensor | None = None  # [B] int32 tokens attended, new one included (decode)
-    segments: list[tuple[int, list[int]]] | None = None  # shared-prefix packing: (prefix_len, branch lens)
+    segments: list[PrefixTree] | None = None  # shared-prefix packing, collapsed trees (see shared_prefix)
     prefix_lens: list[int] | None = None  # packed prefill after cached prompt blocks: tokens before each
     prefix_tables: list[list[int]] | None = None  # blocks of each sequence's cached prefix and new tokens
 
@@ -104,23 +139,30 @@ class AttentionBatch:
         )
 
     @classmethod
-    def shared_prefix(cls, groups: list[tuple[int, list[int]]], device: torch.device | str) -> AttentionBatch:
-        """Segments of ``(prefix_len, [branch_len, ...])``: the prefix at positions 0..p-1, every branch
-        at positions p.. (as if it followed the prefix alone). A branch may be empty."""
+    def shared_prefix(cls, groups: list[PrefixTree], device: torch.device | str) -> AttentionBatch:
+        """Segments packed as prefix trees. A segment is ``(prefix_len, [child, ...])``; a child is a
+        branch length (a leaf) or again ``(length, [child, ...])``. Tokens are laid out depth first: a
+        node's tokens, then each child's subtree in order. A node's tokens sit at the positions after
+        all its ancestors' tokens (as if it followed them alone) and attend to those ancestors and
+        causally to themselves, never to other branches. A branch may be empty.
+
+        ``[(p, [a, b])]``: a prefix of p tokens shared by two branches. ``[(p, [a, (m, [b, c])])]``: a
+        document prefix, one sample's branch, and a suffix of m tokens shared by two more samples."""
         if not groups:
             raise ValueError("groups must be non-empty")
-        positions, lens = [], []
-        for prefix_len, branch_lens in groups:
-            if prefix_len < 0 or any(n < 0 for n in branch_lens) or prefix_len + sum(branch_lens) == 0:
-                raise ValueError(f"bad segment: prefix {prefix_len}, branches {branch_lens}")
-            positions.append(torch.arange(prefix_len))
-            positions += [torch.arange(prefix_len, prefix_len + n) for n in branch_lens]
-            lens.append(prefix_len + sum(branch_lens))
+        positions, lens, trees = [], [], []
+        for group in groups:
+            tree = _check_tree(group)
+            if _tree_tokens(tree) == 0:
+                raise ValueError(f"bad segment: {group!r} has no tokens")
+            _tree_positions(tree, 0, positions)
+            lens.append(_tree_tokens(tree))
+            trees.append(_collapse(tree))
         batch = cls.packed(lens, device)
-        batch.positions = torch.cat(positions).to(device)
-        batch.uniform_len = 0
-        if any(sum(1 for n in b if n) > 1 for _, b in groups):  # else every segment is one causal sequence
-            batch.segments = [(p, list(b)) for p, b in groups]
+        if any(tree[1] for tree in trees):  # else every segment is one causal sequence: packed
+            batch.positions = torch.cat(positions).to(device)
+            batch.uniform_len = 0
+            batch.segments = trees
         return batch
 
     @classmethod
@@ -204,32 +246,38 @@ def packed_causal_attention(
 
 
 def _segment_attention(q, k, v, batch: AttentionBatch, scale: float) -> torch.Tensor:
-    """Shared-prefix segments: the prefix as one causal sequence, then each branch over the prefix's
-    keys and its own (causally). Work ~ P^2 / 2 + sum(n * (P + n)), not the (P + sum(n))^2 of one
-    masked call over the segment. The pieces come from one ``split`` per tensor, whose backward
-    assembles the gradient in one pass (a slice's backward zero-fills a full-size tensor per piece)."""
-    sizes = []  # a segment with at most one non-empty branch is one piece, else prefix, then branches
-    for prefix, branches in batch.segments:
-        live = [n for n in branches if n]
-        sizes += [prefix + sum(live)] if len(live) <= 1 else [prefix, *live]
+    """Prefix-tree segments (collapsed): each node's tokens attend to its ancestors' keys and causally
+    to their own; a root is one causal sequence. Work ~ sum over nodes of n * (ancestors + n), not the
+    square of the segment's length of one masked call. The pieces come from one ``split`` per tensor,
+    whose backward assembles the gradient in one pass (a slice's backward zero-fills a full-size tensor
+    per piece)."""
+    sizes: list[int] = []
+
+    def preorder(node):
+        sizes.append(node[0])
+        for child in node[1]:
+            preorder(child)
+
+    for tree in batch.segments:
+        preorder(tree)
     if sum(sizes) != q.shape[0]:
         raise ValueError(f"segments cover {sum(sizes)} tokens, the batch has {q.shape[0]}")
     qs, ks, vs = q.split(sizes), k.split(sizes), v.split(sizes)
-    outs, i = [], 0
-    for prefix, branches in batch.segments:
-        live = [n for n in branches if n]
-        if len(live) <= 1:  # prefix + one branch: one causal sequence
+    outs: list[torch.Tensor] = []
+    piece = iter(range(len(sizes)))
+
+    def attend(node, keys: list[torch.Tensor], values: list[torch.Tensor], context: int):
+        i = next(piece)
+        if context == 0:
             outs.append(_sdpa_causal(qs[i][None], ks[i][None], vs[i][None], scale)[0])
-            i += 1
-            continue
-        k_prefix, v_prefix = ks[i], vs[i]
-        if prefix:
-            outs.append(_sdpa_causal(qs[i][None], k_prefix[None], v_prefix[None], scale)[0])
-        i += 1
-        for n in live:
-            keys, values = torch.cat([k_prefix, ks[i]]), torch.cat([v_prefix, vs[i]])
-            outs.append(_sdpa_masked(qs[i], keys, values, _causal_after(prefix, n, q.device), scale))
-            i += 1
+        else:
+            mask = _causal_after(context, node[0], q.device)
+            outs.append(_sdpa_masked(qs[i], torch.cat([*keys, ks[i]]), torch.cat([*values, vs[i]]), mask, scale))
+        for child in node[1]:
+            attend(child, [*keys, ks[i]], [*values, vs[i]], context + node[0])
+
+    for tree in batch.segments:
+        attend(tree, [], [], 0)
     return torch.cat(outs, dim=0)
 
 

@@ -202,14 +202,28 @@ class _MicroBatch:
 
 @dataclass
 class _Unit:
-    """Sequences packed as one segment: their common prefix once, then each one's remainder."""
+    """Sequences packed as one segment, a two-level prefix tree: their common prefix once, then the
+    rest of the prompt once per distinct prompt (the answer-type part of a document's challenger
+    prompts; a prompt of a single sequence stays in its branch), then each one's completion."""
 
     seqs: list[Sequence]
     prefix_len: int
 
+    def prompt_groups(self) -> list[list[Sequence]]:
+        """The sequences grouped by prompt, in order of first appearance."""
+        groups: dict[tuple[int, ...], list[Sequence]] = {}
+        for s in self.seqs:
+            groups.setdefault(tuple(s.prompt_ids), []).append(s)
+        return list(groups.values())
+
     @property
     def num_tokens(self) -> int:
-        return self.prefix_len + sum(_input_len(s) - self.prefix_len for s in self.seqs)
+        p = self.prefix_len
+        total = p
+        for group in self.prompt_groups():
+            shared = len(group[0].prompt_ids) - p if len(group) > 1 else 0
+            total += shared + sum(_input_len(s) - p - shared for s in group)
+        return total
 
 
 def _input_len(s: Sequence) -> int:
@@ -240,7 +254,7 @@ def make_units(seqs: list[Sequence], budget: int, share_prefixes: bool) -> list[
             continue
         current = _Unit([], p)
         for m in members:
-            if current.seqs and current.num_tokens + _input_len(m) - p > budget:
+            if current.seqs and _Unit([*current.seqs, m], p).num_tokens > budget:
                 units.append(current)
                 current = _Unit([], p)
             current.seqs.append(m)
@@ -252,32 +266,39 @@ def _micro_batch(units: list[_Unit], agg: str, device: torch.device) -> _MicroBa
     ids, rows, targets, lps, advs, weights, segments = [], [], [], [], [], [], []
     offset = 0
     for unit in units:
-        p, start = unit.prefix_len, offset
+        p = unit.prefix_len
         first = unit.seqs[0]
         ids += (first.prompt_ids + first.completion_ids[:-1])[:p]
-        offset += p
-        branch_lens = []
-        for s in unit.seqs:
-            x = s.prompt_ids + s.completion_ids[:-1]
-            ids += x[p:]
-            # token k of x sits in the shared prefix (k < p) or in this sequence's branch
-            rows += [start + k if k < p else offset + k - p for k in range(len(s.prompt_ids) - 1, len(x))]
-            branch_lens.append(len(x) - p)
-            offset += len(x) - p
-            c = len(s.completion_ids)
-            targets += s.completion_ids
-            lps += s.sampler_logprobs
-            advs += [s.advantage] * c
-            weights += [1.0 / c if agg == "seq_mean_token_mean" else 1.0] * c
-        segments.append((p, branch_lens))
+        prefix_start, offset = offset, offset + p
+        children: list = []
+        for group in unit.prompt_groups():
+            # the rest of the prompt [p, shared_end) once for the group, then each one's branch
+            shared_end = len(group[0].prompt_ids) if len(group) > 1 else p
+            ids += group[0].prompt_ids[p:shared_end]
+            shared_start, offset = offset, offset + shared_end - p
+            branch_lens = []
+            for s in group:
+                x = s.prompt_ids + s.completion_ids[:-1]
+                ids += x[shared_end:]
+                # token k of x sits in the prefix, in the group's shared part or in this branch
+                rows += [
+                    prefix_start + k if k < p else shared_start + k - p if k < shared_end else offset + k - shared_end
+                    for k in range(len(s.prompt_ids) - 1, len(x))
+                ]
+                branch_lens.append(len(x) - shared_end)
+                offset += len(x) - shared_end
+                c = len(s.completion_ids)
+                targets += s.completion_ids
+                lps += s.sampler_logprobs
+                advs += [s.advantage] * c
+                weights += [1.0 / c if agg == "seq_mean_token_mean" else 1.0] * c
+            children += [(shared_end - p, branch_lens)] if shared_end > p else branch_lens
+        segments.append((p, children))
 
     def t(values, dtype):
         return torch.tensor(values, dtype=dtype, device=device)
 
-    if all(sum(b) == 0 for _, b in segments):  # no branches: plain packed sequences
-        batch = AttentionBatch.packed([p for p, _ in segments], device)
-    else:
-        batch = AttentionBatch.shared_prefix(segments, device)
+    batch = AttentionBatch.shared_prefix(segments, device)  # plain packed sequences when nothing branches
     return _MicroBatch(
         t(ids, torch.long), batch, t(rows, torch.long), t(targets, torch.long), t(lps, torch.float32),
         t(advs, torch.float32), t(weights, torch.float32),
