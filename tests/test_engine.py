@@ -237,14 +237,20 @@ def test_sampler_top_p_beyond_the_candidates_and_mixed_batches():
     candidates are drawn); a batch mixing plain, top-k, top-p and greedy rows samples each its way."""
     from spice_fast.engine.sampling import _CANDIDATES, row_key, sample_tokens
 
-    vocab = 3 * _CANDIDATES
+    vocab = 3 * _CANDIDATES[-1]
     flat = torch.zeros(vocab)
     flat[: vocab // 10] = -50.0  # a tenth of the vocabulary outside any 0.9 nucleus
     rows = 3000
     keys = [row_key(5, 2, i) for i in range(rows)]
     tokens, _ = sample_tokens(flat.expand(rows, -1), [1.0] * rows, [0.9] * rows, [0] * rows, keys)
-    assert len(set(tokens.tolist())) > _CANDIDATES  # not confined to the candidates
+    assert len(set(tokens.tolist())) > _CANDIDATES[-1]  # not confined to the candidates
     assert bool((tokens >= vocab // 10).all())  # never outside the nucleus
+    # a nucleus wider than the first candidates and narrower than the next: drawn among the next
+    wide = torch.full((vocab,), -50.0)
+    wide[-5 * _CANDIDATES[0] :] = 0.0
+    tokens, _ = sample_tokens(wide.expand(rows, -1), [1.0] * rows, [0.9] * rows, [0] * rows, keys)
+    assert len(set(tokens.tolist())) > 4 * _CANDIDATES[0]
+    assert bool((tokens >= vocab - 5 * _CANDIDATES[0]).all())
 
     logits = torch.randn(vocab, generator=torch.Generator().manual_seed(1)) * 3
     order = logits.argsort(descending=True)
