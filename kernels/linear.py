@@ -1,22 +1,33 @@
-"""Dense layers (``y = x @ weight.T + bias``) with a faster CPU GEMM than torch's default.
+"""Dense layers (``y = x @ weight.T + bias``) with faster CPU GEMMs than torch's default.
 
 * ``linear_ref``: ``torch.nn.functional.linear``, the definition of correct.
-* ``linear``: the same contract. On float32 CPU tensors with a large weight it runs the forward
-  product (and, for large batches, the input gradient) through oneDNN's inner product
-  (``torch.ops.mkldnn._linear_pointwise``, the op torch's inductor uses for CPU linears), straight on
-  the parameter tensor: no packed or second copy of the weights, so the sampler and the trainer still
-  read one set of parameters. The weight gradient ``g.T @ x`` stays on torch's GEMM, which is as fast
-  or faster for that shape. Everywhere else (CUDA, bf16/fp16, a build without oneDNN, DTensor
-  weights, empty inputs, weights under ``MIN_WEIGHT_NUMEL`` elements) it is ``linear_ref``.
+* ``linear``: the same contract. On float32 CPU tensors it picks, straight on the parameter tensor
+  (no packed or second copy of the weights, so the sampler and the trainer still read one set of
+  parameters):
 
-Why: torch's CPU ``mm`` calls MKL's sgemm, which takes its generic code path on AMD processors. On
-the 2-core AMD EPYC (Zen 4) this project is developed on, oneDNN computes the LM head 2.1-2.2x and
-the MLP projections 1.1-1.25x faster, in decode steps and in training; ``benches/bench_linear.py``
-measures both in one run, shape by shape.
+  - calls without autograd on at most ``SMALL_GEMM_MAX_ROWS`` rows (the sampler's decode steps) and
+    weights under ``SMALL_GEMM_MAX_WEIGHT_NUMEL`` elements: the C++ small-row GEMM of
+    ``csrc/ops/small_gemm.cpp`` (``spice_fast._cpu_ops``), dot products of register tiles that stream
+    the weight once, on torch's OpenMP threads; on CPUs with AVX-512 only;
+  - weights of at least ``MIN_WEIGHT_NUMEL`` elements otherwise: oneDNN's inner product
+    (``torch.ops.mkldnn._linear_pointwise``, the op torch's inductor uses for CPU linears) for the
+    forward product and, for large batches, the input gradient. The weight gradient ``g.T @ x`` stays
+    on torch's GEMM, which is as fast or faster for that shape.
 
-Switch: ``backend="onednn"|"torch"`` per call, or ``SPICE_FAST_LINEAR=auto|onednn|torch`` (``auto``,
-the default, takes oneDNN where it applies). tests/test_linear.py compares values and gradients with
-``linear_ref``.
+  Everywhere else (CUDA, bf16/fp16, DTensor weights, empty inputs, small weights in training, a
+  build without oneDNN or the extension) it is ``linear_ref``.
+
+Why: torch's CPU ``mm`` calls MKL's sgemm, which takes its generic code path on AMD processors, and
+a general GEMM packs and blocks for many rows. On the 2-core AMD EPYC (Zen 4) this project is
+developed on, oneDNN computes the LM head 2.1-2.2x and the MLP projections 1.1-1.25x faster than
+torch, in decode steps and in training, and the small-row GEMM the decode step's layer projections
+1.1-2.9x faster than either at 1-32 rows; ``benches/bench_linear.py`` measures them in one run, shape
+by shape.
+
+Switch: ``backend="auto"|"cpp"|"onednn"|"torch"`` per call, or ``SPICE_FAST_LINEAR`` (``auto``, the
+default, picks as above; ``cpp`` takes the small-row GEMM for every call without autograd, whatever
+its size, and picks as ``auto`` otherwise; ``onednn`` never takes the small-row GEMM).
+tests/test_linear.py compares values and gradients with ``linear_ref`` and fp64.
 """
 
 from __future__ import annotations
@@ -27,11 +38,11 @@ import os
 import torch
 import torch.nn.functional as F
 
-from ._utils import PLAIN_TENSORS
+from ._utils import PLAIN_TENSORS, cpu_ops, cpu_ops_available
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "onednn", "torch")
+BACKENDS = ("auto", "cpp", "onednn", "torch")
 
 
 def linear_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -48,12 +59,15 @@ def onednn_available() -> bool:
 
 # Measured with benches/bench_linear.py on the 2-core Zen 4: oneDNN's per-call cost outweighs its
 # faster kernel for small weights (the 576x192 K/V and 576x576 Q/O projections run 0.7-1.0x torch's
-# speed through it), and its input-gradient product only wins on large batches.
-MIN_WEIGHT_NUMEL = 1 << 19  # forward: weights of at least this many elements (MLP, LM head)
-MIN_DGRAD_ROWS = 1024  # backward: input gradients of at least this many rows (and a large weight)
+# speed through it), and its input-gradient product only wins on large batches. The small-row GEMM
+# wins on every layer shape up to 64 rows (most at 1-32) and ties oneDNN on the LM head.
+MIN_WEIGHT_NUMEL = 1 << 19  # oneDNN forward: weights of at least this many elements (MLP, LM head)
+MIN_DGRAD_ROWS = 1024  # oneDNN backward: input gradients of at least this many rows (and a large weight)
+SMALL_GEMM_MAX_ROWS = 32  # small-row GEMM: calls without autograd of at most this many rows
+SMALL_GEMM_MAX_WEIGHT_NUMEL = 1 << 24  # ... and weights under this many elements (not the LM head)
 
 
-def _applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+def _plain_cpu_float32(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
     return (
         x.device.type == "cpu"
         and x.dtype == torch.float32
@@ -61,25 +75,53 @@ def _applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -
         and weight.dim() == 2
         and type(x) in PLAIN_TENSORS
         and type(weight) in PLAIN_TENSORS
-        and (bias is None or (type(bias) in PLAIN_TENSORS and bias.dtype == torch.float32))
+        and (bias is None or (type(bias) in PLAIN_TENSORS and bias.dtype == torch.float32 and bias.dim() == 1))
         and x.numel() > 0
         and x.shape[-1] == weight.shape[1]
-        and weight.numel() >= MIN_WEIGHT_NUMEL
+        and (bias is None or bias.shape[0] == weight.shape[0])
     )
 
 
+_small_gemm_ok: list[bool] = []  # [extension built and the CPU runs its AVX-512 build], once known
+
+
+def small_gemm_available() -> bool:
+    if not _small_gemm_ok:
+        _small_gemm_ok.append(cpu_ops_available() and bool(cpu_ops().small_gemm_vectorized()))
+    return _small_gemm_ok[0]
+
+
+def _small_gemm(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``x2 @ weight.T + bias`` for a 2-D float32 ``x2`` [M, K] through the C++ small-row GEMM."""
+    x2 = x2 if x2.stride(1) == 1 else x2.contiguous()
+    w = weight if weight.stride(1) == 1 else weight.contiguous()
+    b = None if bias is None else bias.contiguous()
+    m, k = x2.shape
+    out = torch.empty(m, w.shape[0], dtype=torch.float32)
+    cpu_ops().small_gemm(
+        x2.data_ptr(), x2.stride(0), w.data_ptr(), w.stride(0), 0 if b is None else b.data_ptr(),
+        out.data_ptr(), out.stride(0), m, w.shape[0], k, torch.get_num_threads(),
+    )  # fmt: skip
+    return out
+
+
 def pick_linear_backend(backend: str | None) -> str:
+    """The argument, else ``SPICE_FAST_LINEAR``, checked: ``"auto"``, ``"cpp"``, ``"onednn"`` or
+    ``"torch"``. A forced ``"cpp"`` or ``"onednn"`` that this build cannot run is an error; ``"auto"``
+    says once in the log that oneDNN is missing."""
     choice = backend if backend is not None else os.environ.get("SPICE_FAST_LINEAR", "auto").lower()
     if choice not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS} (or SPICE_FAST_LINEAR), got {choice!r}")
-    if choice == "torch":
-        return "torch"
-    if onednn_available():
-        return "onednn"
-    if choice == "onednn":
-        raise ValueError("backend='onednn' was forced but this torch build has no oneDNN (mkldnn)")
-    _warn_once()
-    return "torch"
+    if choice == "cpp" and not small_gemm_available():
+        raise ValueError(
+            "backend='cpp' was forced but the small-row GEMM is not available (spice_fast._cpu_ops not "
+            "built, or a CPU without AVX-512)"
+        )
+    if choice != "torch" and not onednn_available():
+        if choice == "onednn":
+            raise ValueError("backend='onednn' was forced but this torch build has no oneDNN (mkldnn)")
+        _warn_once()
+    return choice
 
 
 _warned = False
@@ -123,15 +165,24 @@ def linear(
     bias: torch.Tensor | None = None,  # [N]
     backend: str | None = None,
 ) -> torch.Tensor:  # [..., N]
-    """``F.linear(x, weight, bias)``, through oneDNN on float32 CPU tensors (see the module docstring)."""
-    if not _applies(x, weight, bias) or pick_linear_backend(backend) == "torch":
+    """``F.linear(x, weight, bias)``: on float32 CPU tensors through the small-row GEMM or oneDNN
+    (see the module docstring)."""
+    if not _plain_cpu_float32(x, weight, bias):
+        return linear_ref(x, weight, bias)
+    choice = pick_linear_backend(backend)
+    if choice == "torch":
         return linear_ref(x, weight, bias)
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1]).contiguous()
-    w = weight if weight.is_contiguous() else weight.contiguous()
+    x2 = x.reshape(-1, x.shape[-1])
     needs_grad = x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
-    if torch.is_grad_enabled() and needs_grad:
-        out = _OneDNNLinear.apply(x2, w, bias)
-    else:
-        out = _onednn_mm_t(x2, w, bias)
+    training = torch.is_grad_enabled() and needs_grad
+    if not training and choice != "onednn" and small_gemm_available():
+        small = x2.shape[0] <= SMALL_GEMM_MAX_ROWS and weight.numel() < SMALL_GEMM_MAX_WEIGHT_NUMEL
+        if small or choice == "cpp":
+            return _small_gemm(x2, weight, bias).view(*lead, weight.shape[0])
+    if weight.numel() < MIN_WEIGHT_NUMEL or not onednn_available():
+        return linear_ref(x, weight, bias)
+    x2 = x2.contiguous()
+    w = weight if weight.is_contiguous() else weight.contiguous()
+    out = _OneDNNLinear.apply(x2, w, bias) if training else _onednn_mm_t(x2, w, bias)
     return out.view(*lead, weight.shape[0])

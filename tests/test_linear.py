@@ -1,5 +1,5 @@
-"""spice_fast.kernels.linear (oneDNN on float32 CPU tensors) against F.linear: values, gradients,
-the fallbacks and the switch."""
+"""spice_fast.kernels.linear (the small-row C++ GEMM and oneDNN on float32 CPU tensors) against
+F.linear: values, gradients, the fallbacks, the size rules and the switch."""
 
 from __future__ import annotations
 
@@ -8,9 +8,12 @@ import torch
 import torch.nn.functional as F
 from helpers import assert_error_rule
 from spice_fast.kernels import linear as linear_mod
-from spice_fast.kernels.linear import linear, linear_ref, onednn_available
+from spice_fast.kernels.linear import linear, linear_ref, onednn_available, small_gemm_available
 
 needs_onednn = pytest.mark.skipif(not onednn_available(), reason="this torch build has no oneDNN")
+needs_small = pytest.mark.skipif(
+    not small_gemm_available(), reason="spice_fast._cpu_ops not built or no AVX-512 on this CPU"
+)
 
 
 @pytest.fixture(autouse=True)
@@ -31,33 +34,38 @@ def assert_within_gemm_bound(got, a64, b64, exact, name):
     assert not bad.any(), f"{name}: {int(bad.sum())} elements past the bound; max err {err.max():.3e}"
 
 
-def _calls(monkeypatch) -> list:
-    """Counts the oneDNN products, so a test fails if the fast path silently stops being taken."""
+def _calls(monkeypatch, name: str = "_onednn_mm_t") -> list:
+    """Counts the oneDNN products (or the small-row GEMM's with ``name="_small_gemm"``), so a test
+    fails if the fast path silently stops being taken."""
     calls = []
-    real = linear_mod._onednn_mm_t
+    real = getattr(linear_mod, name)
 
     def counted(a, b, bias):
         calls.append(tuple(a.shape))
         return real(a, b, bias)
 
-    monkeypatch.setattr(linear_mod, "_onednn_mm_t", counted)
+    monkeypatch.setattr(linear_mod, name, counted)
     return calls
 
 
-@needs_onednn
 @pytest.mark.parametrize(
     ("rows", "k", "n"),
     [(r, k, n) for r in (1, 5, 37, 300) for k, n in ((64, 96), (123, 1000 + 37))]
-    + [(r, 576, 49152 + 1) for r in (1, 5)],  # a vocabulary-sized output
+    + [(r, 576, 49152 + 1) for r in (1, 5)]  # a vocabulary-sized output
+    + [(r, 15, 7) for r in (1, 6)],  # K under one vector, N under one tile
 )
 @pytest.mark.parametrize("bias", [False, True])
-def test_forward_matches_fp64(monkeypatch, rows, k, n, bias):
+@pytest.mark.parametrize("backend", ["onednn", "cpp"])
+def test_forward_matches_fp64(monkeypatch, rows, k, n, bias, backend):
+    available = onednn_available() if backend == "onednn" else small_gemm_available()
+    if not available:
+        pytest.skip(f"backend {backend} is not available here")
     gen = torch.Generator().manual_seed(rows * 7 + k)
     x = torch.randn(rows, k, generator=gen, dtype=torch.float64)
     w = torch.randn(n, k, generator=gen, dtype=torch.float64) * k**-0.5
     b = torch.randn(n, generator=gen, dtype=torch.float64) if bias else None
-    calls = _calls(monkeypatch)
-    got = linear(x.float(), w.float(), None if b is None else b.float())
+    calls = _calls(monkeypatch, "_onednn_mm_t" if backend == "onednn" else "_small_gemm")
+    got = linear(x.float(), w.float(), None if b is None else b.float(), backend=backend)
     assert calls == [(rows, k)]
     xb = torch.cat([x, torch.ones(rows, 1, dtype=x.dtype)], 1) if bias else x  # the bias as one more term
     wb = torch.cat([w, b[:, None]], 1) if bias else w
@@ -95,7 +103,7 @@ def test_no_grad_and_frozen_weight(monkeypatch):
     x, w = torch.randn(4, 32), torch.randn(8, 32, requires_grad=True)
     calls = _calls(monkeypatch)
     with torch.no_grad():
-        out = linear(x, w)
+        out = linear(x, w, backend="onednn")
     assert not out.requires_grad and calls == [(4, 32)]
     x.requires_grad_()
     w.requires_grad_(False)
@@ -145,3 +153,48 @@ def test_size_thresholds(monkeypatch):
         x = torch.randn(rows, 16, requires_grad=True)
         linear(x, torch.randn(63, 16)).sum().backward()
     assert calls == [(9, 16), (10, 16), (10, 63)]
+
+
+@needs_small
+def test_small_row_gemm_rules(monkeypatch):
+    """auto: the small-row GEMM for calls without autograd up to SMALL_GEMM_MAX_ROWS rows and under
+    SMALL_GEMM_MAX_WEIGHT_NUMEL weight elements; oneDNN or torch otherwise; never with autograd."""
+    monkeypatch.setattr(linear_mod, "SMALL_GEMM_MAX_ROWS", 4)
+    monkeypatch.setattr(linear_mod, "SMALL_GEMM_MAX_WEIGHT_NUMEL", 1000)
+    small, onednn = _calls(monkeypatch, "_small_gemm"), _calls(monkeypatch)
+    w = torch.randn(62, 16, requires_grad=True)  # 992 elements
+    with torch.inference_mode():
+        linear(torch.randn(4, 16), w)  # small
+        linear(torch.randn(2, 3, 16), w)  # leading dims flattened: 6 rows, past the limit
+        linear(torch.randn(2, 16), torch.randn(63, 16))  # 1008 elements: past the limit
+        linear(torch.randn(2, 16), torch.randn(63, 16), backend="cpp")  # forced: any size
+        linear(torch.randn(2, 16), w, backend="onednn")  # never the small GEMM
+    assert small == [(4, 16), (2, 16)]
+    assert onednn == [(6, 16), (2, 16), (2, 16)]
+    x = torch.randn(3, 16, requires_grad=True)
+    linear(x, w, backend="cpp").sum().backward()  # autograd: never the small GEMM
+    assert small == [(4, 16), (2, 16)] and x.grad is not None
+
+
+@needs_small
+def test_small_row_gemm_strides_and_threads():
+    """Rows at a stride (a slice of a wider tensor), a transposed weight (copied), one or two threads."""
+    gen = torch.Generator().manual_seed(5)
+    base = torch.randn(9, 1000, generator=gen)
+    x = base[:, 10:310]  # row stride 1000
+    w_t = torch.randn(300, 601, generator=gen)  # used as its transpose [601, 300]
+    b = torch.randn(601, generator=gen)  # 1.6M multiply-adds: split over two threads
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            got = linear(x, w_t.t(), b, backend="cpp")
+            torch.testing.assert_close(got, F.linear(x, w_t.t(), b), rtol=1e-4, atol=1e-4)  # terms ~1
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_forced_cpp_without_the_kernel_is_an_error(monkeypatch):
+    monkeypatch.setattr(linear_mod, "_small_gemm_ok", [False])
+    with pytest.raises(ValueError, match="'cpp' was forced"):
+        linear(torch.randn(2, 4), torch.randn(3, 4), backend="cpp")

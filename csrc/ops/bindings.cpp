@@ -1,4 +1,4 @@
-// pybind11 module spice_fast._cpu_ops: CPU kernels of the model's layers (rms_norm.h, rope.h, swiglu.h).
+// pybind11 module spice_fast._cpu_ops: CPU kernels of the model's layers (rms_norm.h, rope.h, small_gemm.h, swiglu.h).
 // Tensors arrive as data pointers with their sizes; spice_fast.kernels.rms_norm, .rope and .swiglu check
 // devices, dtypes, shapes and contiguity before calling.
 #include <pybind11/pybind11.h>
@@ -7,6 +7,7 @@
 
 #include "ops/rms_norm.h"
 #include "ops/rope.h"
+#include "ops/small_gemm.h"
 #include "ops/swiglu.h"
 
 namespace py = pybind11;
@@ -18,6 +19,20 @@ float* out(uintptr_t p) { return reinterpret_cast<float*>(p); }
 
 PYBIND11_MODULE(_cpu_ops, m) {
     m.doc() = "CPU kernels of the model's layers (Python faces: spice_fast.kernels.rms_norm, .rope, .swiglu)";
+    m.def(
+        "small_gemm",
+        [](uintptr_t x, int64_t ldx, uintptr_t w, int64_t ldw, uintptr_t bias, uintptr_t y, int64_t ldy, int64_t m,
+           int64_t n, int64_t k, int num_threads) {
+            if (m < 0 || n < 0 || k <= 0 || ldx < k || ldw < k || ldy < n)
+                throw py::value_error("small_gemm: sizes must be non-negative, k positive, strides >= row lengths");
+            py::gil_scoped_release release;
+            spice_ops::small_gemm(in(x), ldx, in(w), ldw, bias ? in(bias) : nullptr, out(y), ldy, m, n, k,
+                                  num_threads);
+        },
+        py::arg("x"), py::arg("ldx"), py::arg("w"), py::arg("ldw"), py::arg("bias"), py::arg("y"), py::arg("ldy"),
+        py::arg("m"), py::arg("n"), py::arg("k"), py::arg("num_threads"));
+    m.def("small_gemm_vectorized", &spice_ops::small_gemm_vectorized,
+          "whether this CPU runs the AVX-512 build of small_gemm");
     m.def(
         "rope",
         [](uintptr_t x, uintptr_t cos, uintptr_t sin, uintptr_t y, int64_t tokens, int64_t heads, int64_t dim,
