@@ -1,13 +1,15 @@
-"""CPU dense layers: ``spice_fast.kernels.linear`` (oneDNN) against torch's ``F.linear`` (MKL sgemm),
-and the C++ SwiGLU against ``F.silu(g) * u``, in one run.
+"""CPU dense layers: ``spice_fast.kernels.linear`` (the C++ small-row GEMM for decode-sized calls
+without autograd, oneDNN for large weights otherwise) against torch's ``F.linear`` (MKL sgemm), and
+the C++ SwiGLU against ``F.silu(g) * u``, in one run.
 
 The shapes are those of the default model (SmolLM2-135M: hidden 576, MLP 1536, KV 192, vocabulary
-49152) at a sweep of row counts: 8 and 32 are decode steps (one row per sequence), 512 and 2583 a
+49152) at a sweep of row counts: 1, 8 and 32 are decode steps (one row per sequence), 512 and 2583 a
 training micro-batch. ``cold`` cycles through enough distinct weight matrices (about 100 MB) that
 every product reads its weights from memory, as a decode step over 30 layers does; ``hot`` reuses one.
 Each line times the forward product (``fwd``), or the forward and the backward to the input
-(``fwd+dgrad``, the weight frozen). spice_fast's side is ``linear`` as the model calls it, so shapes it
-leaves to torch (small weights, small batches' input gradients) time torch on both sides. Reports
+(``fwd+dgrad``, the weight frozen). spice_fast's side is ``linear`` as the model calls it (its
+``path`` column says which kernel that is), so shapes it leaves to torch (small weights in training,
+small batches' input gradients) time torch on both sides. Reports
 milliseconds, GFLOP/s (the forward's FLOPs, twice that with the input gradient) and the speed-up.
 
     python benches/bench_linear.py                 # the sweep above
@@ -26,6 +28,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import print_json, print_table, time_interleaved  # noqa: E402
 from spice_fast.kernels._utils import cpu_ops_available
+from spice_fast.kernels import linear as linear_mod  # noqa: E402
 from spice_fast.kernels.linear import linear, onednn_available  # noqa: E402
 from spice_fast.kernels.swiglu import swiglu, swiglu_ref  # noqa: E402
 
@@ -43,11 +46,19 @@ def weights(n: int, k: int, cold: bool) -> list[torch.Tensor]:
     return [torch.randn(n, k) * k**-0.5 for _ in range(count)]
 
 
+def kernel_path(rows: int, weight_numel: int, op: str) -> str:
+    """Which kernel ``linear`` runs for the forward of this call (the module's own rules)."""
+    if op == "fwd" and linear_mod.small_gemm_available() and rows <= linear_mod.SMALL_GEMM_MAX_ROWS:
+        if weight_numel < linear_mod.SMALL_GEMM_MAX_WEIGHT_NUMEL:
+            return "small-row"
+    return "oneDNN" if weight_numel >= linear_mod.MIN_WEIGHT_NUMEL else "torch"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--rows", default="8,32,512,2583", help="comma-separated row counts")
+    parser.add_argument("--rows", default="1,8,32,512,2583", help="comma-separated row counts")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     parser.add_argument("--repeat", type=int, default=5)
     args = parser.parse_args()
@@ -87,12 +98,13 @@ def main() -> None:
                 ratio = t["torch"] / t["spice_fast"]
                 op_flops = flops * (2 if op == "fwd+dgrad" else 1)
                 gflops = [op_flops / t[side] / 1e9 for side in ("torch", "spice_fast")]
-                table.append([m, name, op, "cold" if cold else "hot", t["torch"] * 1e3, t["spice_fast"] * 1e3,
-                              *gflops, ratio])  # fmt: skip
-                results.append({"rows": m, "shape": name, "op": op, "cold": cold, "torch_s": t["torch"],
-                                "ours_s": t["spice_fast"], "speedup": ratio})  # fmt: skip
+                path = kernel_path(m, n * k, op)
+                table.append([m, name, op, "cold" if cold else "hot", path, t["torch"] * 1e3,
+                              t["spice_fast"] * 1e3, *gflops, ratio])  # fmt: skip
+                results.append({"rows": m, "shape": name, "op": op, "cold": cold, "path": path,
+                                "torch_s": t["torch"], "ours_s": t["spice_fast"], "speedup": ratio})  # fmt: skip
     print(f"CPU linear, float32, {torch.get_num_threads()} threads; times are per call over all weights")
-    print_table(["rows", "shape", "op", "weights", "torch ms", "spice_fast ms", "torch GFLOP/s",
+    print_table(["rows", "shape", "op", "weights", "path", "torch ms", "spice_fast ms", "torch GFLOP/s",
                  "spice_fast GFLOP/s", "speed-up"], table)  # fmt: skip
 
     swiglu_rows = []

@@ -153,7 +153,8 @@ class _FusedGRPOLoss(torch.autograd.Function):
         num_rows = hidden.shape[0]
         need_h, need_w = ctx.needs_input_grad[:2]
         grad_hidden = torch.empty_like(hidden) if need_h else None
-        grad_weight = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32) if need_w else None
+        # written by the first chunk's GEMM, then added to: no zero-fill pass over the [V, H] gradient
+        grad_weight = torch.empty(weight.shape, device=weight.device, dtype=torch.float32) if need_w else None
         weight_gemm = gemm_weight(weight, backend)
         buffer = logits_buffer(chunk, num_rows, weight_gemm)
         rows = fused_grpo_rows if backend == "triton" else _fused_grpo_rows_torch
@@ -176,9 +177,11 @@ class _FusedGRPOLoss(torch.autograd.Function):
                     logits, *per_row, *opt, temperature, clip_low, clip_high, kl_coef
                 )
             stats += chunk_stats
-            accumulate_grads(dlogits, h, weight_gemm, grad_hidden, grad_weight, start)
+            accumulate_grads(dlogits, h, weight_gemm, grad_hidden, grad_weight, start, first=start == 0)
             del logits, dlogits
         if grad_weight is not None:
+            if num_rows == 0:  # no chunk wrote it
+                grad_weight.zero_()
             grad_weight = grad_weight.to(weight.dtype)
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.mark_non_differentiable(stats, logp)

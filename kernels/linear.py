@@ -49,12 +49,15 @@ def linear_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     return F.linear(x, weight, bias)
 
 
+_onednn_built: list[bool] = []  # [this torch build has oneDNN and its linear op], once known
+
+
 def onednn_available() -> bool:
-    return (
-        torch.backends.mkldnn.is_available()
-        and torch.backends.mkldnn.enabled
-        and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-    )
+    if not _onednn_built:
+        _onednn_built.append(
+            torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+        )
+    return _onednn_built[0] and torch.backends.mkldnn.enabled  # enabled: switched by torch.backends flags
 
 
 # Measured with benches/bench_linear.py on the 2-core Zen 4: oneDNN's per-call cost outweighs its

@@ -393,15 +393,22 @@ def _backward_vocab_slices(
     return grad_hidden, grad_weight
 
 
-def accumulate_grads(dlogits, h, weight_gemm, grad_hidden, grad_weight, start: int) -> None:
-    """The two gradient GEMMs of one chunk: rows of dL/dhidden, and dL/dweight added in fp32."""
+def accumulate_grads(dlogits, h, weight_gemm, grad_hidden, grad_weight, start: int, first: bool = False) -> None:
+    """The two gradient GEMMs of one chunk: rows of dL/dhidden, and dL/dweight added in fp32 (written,
+    not added, by the ``first`` chunk, so the caller need not zero it)."""
     if dlogits.dtype != weight_gemm.dtype:
         dlogits = dlogits.to(weight_gemm.dtype)
     if grad_hidden is not None:
         grad_hidden[start : start + dlogits.shape[0]] = dlogits @ weight_gemm
     if grad_weight is not None:
         hg = h if h.dtype == dlogits.dtype else h.to(dlogits.dtype)
-        if grad_weight.dtype == dlogits.dtype:
+        same = grad_weight.dtype == dlogits.dtype
+        if first:
+            if same:
+                torch.mm(dlogits.T, hg, out=grad_weight)
+            else:
+                grad_weight.copy_(dlogits.T @ hg)
+        elif same:
             grad_weight.addmm_(dlogits.T, hg)
         else:
             grad_weight += dlogits.T @ hg

@@ -188,3 +188,17 @@ def test_fused_validation():
     bad[0, 0], mask[0, 0] = 100, True
     with pytest.raises(ValueError, match="targets"):
         fused_grpo_loss(hidden, weight, bad, old, adv, mask)
+
+
+def test_no_rows_gives_zero_gradients():
+    """The weight gradient is written by the first chunk's GEMM (not zero-filled first): with no rows
+    at all it must still come back as zeros, whatever the allocator handed out."""
+    torch.full((50, 16), float("nan"))  # freed at once: the next allocation of this size may reuse it
+    hidden = torch.randn(0, 16, requires_grad=True)
+    weight = torch.randn(50, 16, requires_grad=True)
+    empty = torch.zeros(0)
+    loss, _ = fused_grpo_loss(
+        hidden, weight, torch.zeros(0, dtype=torch.long), empty, empty, empty, max_new_tokens=4, backend="torch"
+    )
+    loss.backward()
+    assert float(loss.detach()) == 0.0 and torch.equal(weight.grad, torch.zeros_like(weight))
