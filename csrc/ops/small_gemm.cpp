@@ -15,13 +15,17 @@ using namespace spice_vec;
 constexpr int kRowsPerTile = 4;  // rows of x
 constexpr int kColsPerTile = 6;  // rows of W (columns of y)
 
-// One tile: y[0..MR) x [0..NR) from x rows at `x` and W rows at `w`, K values each.
+// One tile: y[0..MR) x [0..NR) from x rows at `x` and W rows at `w`, K values each. With `next` (the
+// W rows of the following tile column), one cache line of each of its rows is prefetched per step, so
+// the next column streams in from memory while this one computes.
 template <int MR, int NR>
 SPICE_INLINE void tile(const float* x, int64_t ldx, const float* w, int64_t ldw, const float* bias, float* y,
-                       int64_t ldy, int64_t k) {
+                       int64_t ldy, int64_t k, const float* next) {
     f32x16 acc[MR][NR] = {};
     int64_t i = 0;
     for (; i + kLanes <= k; i += kLanes) {
+        if (next)
+            for (int c = 0; c < kColsPerTile; ++c) __builtin_prefetch(next + c * ldw + i, 0, 3);
         f32x16 wv[NR];
         for (int c = 0; c < NR; ++c) wv[c] = load16(w + c * ldw + i);
         for (int r = 0; r < MR; ++r) {
@@ -43,16 +47,17 @@ SPICE_INLINE void tile(const float* x, int64_t ldx, const float* w, int64_t ldw,
 
 // All rows of x against W rows [n0, n1), tile by tile: a tile column of W is read from memory once and
 // from cache for the next tile rows.
+// `next`: the following tile column's W rows, prefetched during the first tile row (nullptr: none).
 template <int NR>
 SPICE_INLINE void tile_column(const float* x, int64_t ldx, const float* w, int64_t ldw, const float* bias,
-                              float* y, int64_t ldy, int64_t m, int64_t k) {
+                              float* y, int64_t ldy, int64_t m, int64_t k, const float* next) {
     int64_t r = 0;
-    for (; r + kRowsPerTile <= m; r += kRowsPerTile)
-        tile<kRowsPerTile, NR>(x + r * ldx, ldx, w, ldw, bias, y + r * ldy, ldy, k);
+    for (; r + kRowsPerTile <= m; r += kRowsPerTile, next = nullptr)
+        tile<kRowsPerTile, NR>(x + r * ldx, ldx, w, ldw, bias, y + r * ldy, ldy, k, next);
     switch (m - r) {
-        case 3: tile<3, NR>(x + r * ldx, ldx, w, ldw, bias, y + r * ldy, ldy, k); break;
-        case 2: tile<2, NR>(x + r * ldx, ldx, w, ldw, bias, y + r * ldy, ldy, k); break;
-        case 1: tile<1, NR>(x + r * ldx, ldx, w, ldw, bias, y + r * ldy, ldy, k); break;
+        case 3: tile<3, NR>(x + r * ldx, ldx, w, ldw, bias, y + r * ldy, ldy, k, next); break;
+        case 2: tile<2, NR>(x + r * ldx, ldx, w, ldw, bias, y + r * ldy, ldy, k, next); break;
+        case 1: tile<1, NR>(x + r * ldx, ldx, w, ldw, bias, y + r * ldy, ldy, k, next); break;
         default: break;
     }
 }
@@ -60,16 +65,19 @@ SPICE_INLINE void tile_column(const float* x, int64_t ldx, const float* w, int64
 SPICE_CLONES void columns(const float* x, int64_t ldx, const float* w, int64_t ldw, const float* bias, float* y,
                           int64_t ldy, int64_t m, int64_t k, int64_t n0, int64_t n1) {
     int64_t c = n0;
-    for (; c + kColsPerTile <= n1; c += kColsPerTile)
-        tile_column<kColsPerTile>(x, ldx, w + c * ldw, ldw, bias ? bias + c : nullptr, y + c, ldy, m, k);
+    for (; c + kColsPerTile <= n1; c += kColsPerTile) {
+        // prefetch the next full tile column (a partial last one is read on demand)
+        const float* next = c + 2 * kColsPerTile <= n1 ? w + (c + kColsPerTile) * ldw : nullptr;
+        tile_column<kColsPerTile>(x, ldx, w + c * ldw, ldw, bias ? bias + c : nullptr, y + c, ldy, m, k, next);
+    }
     const float* wc = w + c * ldw;
     const float* bc = bias ? bias + c : nullptr;
     switch (n1 - c) {
-        case 5: tile_column<5>(x, ldx, wc, ldw, bc, y + c, ldy, m, k); break;
-        case 4: tile_column<4>(x, ldx, wc, ldw, bc, y + c, ldy, m, k); break;
-        case 3: tile_column<3>(x, ldx, wc, ldw, bc, y + c, ldy, m, k); break;
-        case 2: tile_column<2>(x, ldx, wc, ldw, bc, y + c, ldy, m, k); break;
-        case 1: tile_column<1>(x, ldx, wc, ldw, bc, y + c, ldy, m, k); break;
+        case 5: tile_column<5>(x, ldx, wc, ldw, bc, y + c, ldy, m, k, nullptr); break;
+        case 4: tile_column<4>(x, ldx, wc, ldw, bc, y + c, ldy, m, k, nullptr); break;
+        case 3: tile_column<3>(x, ldx, wc, ldw, bc, y + c, ldy, m, k, nullptr); break;
+        case 2: tile_column<2>(x, ldx, wc, ldw, bc, y + c, ldy, m, k, nullptr); break;
+        case 1: tile_column<1>(x, ldx, wc, ldw, bc, y + c, ldy, m, k, nullptr); break;
         default: break;
     }
 }
