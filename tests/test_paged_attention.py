@@ -116,15 +116,16 @@ def test_cpu_kernel_is_built():
 
 
 @pytest.mark.parametrize("group", [1, 4, 7])
-@pytest.mark.parametrize("block_size", [16, 5])
+@pytest.mark.parametrize("block_size", [16, 5, 40])  # 40: two runs of 16 positions and 8 more
 @pytest.mark.parametrize("threads", [1, 3])
-def test_cpu_kernel_matches_reference_fp32(group, block_size, threads):
+@pytest.mark.parametrize("head_dim", [24, 64])  # 64: scores 16 positions at a time
+def test_cpu_kernel_matches_reference_fp32(group, block_size, threads, head_dim):
     lens = [1, 15, 16, 17, 300, 2]
     q, k, v, tables, ctx = make_case(
-        lens, num_kv_heads=2, group=group, head_dim=24, block_size=block_size, dtype=torch.float32
+        lens, num_kv_heads=2, group=group, head_dim=head_dim, block_size=block_size, dtype=torch.float32
     )
     q, k, v, tables, ctx = (t.cpu() for t in (q, k, v, tables, ctx))
-    scale = 24**-0.5
+    scale = head_dim**-0.5
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -137,7 +138,7 @@ def test_cpu_kernel_matches_reference_fp32(group, block_size, threads):
 
 
 def test_cpu_kernel_threads_on_long_contexts():
-    """Enough work (above 2^23 multiply-adds per thread) that the kernel splits sequences over threads."""
+    """Enough work (above 2^18 multiply-adds per thread) that the kernel splits sequences over threads."""
     lens = [9000, 1, 17, 9000, 8000, 15000]
     q, k, v, tables, ctx = make_case(
         lens, num_kv_heads=2, group=7, head_dim=24, block_size=16, dtype=torch.float32

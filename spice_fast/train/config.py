@@ -138,7 +138,7 @@ class LossSection:
     tis_cap: float | None = None  # truncated importance sampling cap (needs old_logprobs=recompute)
     micro_batch_tokens: int = 4096  # packed tokens per forward/backward pass
     skip_zero_advantage: bool = True  # sequences with advantage 0 add no gradient: do not run them
-    share_prefixes: bool = True  # run a prompt shared by several samples once per micro-batch
+    share_prefixes: bool = True  # run a document (and each whole prompt) its samples share once per batch
 
     def __post_init__(self) -> None:
         _check(0 <= self.clip_low < 1, "loss.clip_low", self.clip_low, "a value in [0, 1)")
