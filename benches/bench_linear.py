@@ -10,7 +10,9 @@ Each line times the forward product (``fwd``), or the forward and the backward t
 (``fwd+dgrad``, the weight frozen). spice_fast's side is ``linear`` as the model calls it (its
 ``path`` column says which kernel that is), so shapes it leaves to torch (small weights in training,
 small batches' input gradients) time torch on both sides. Reports
-milliseconds, GFLOP/s (the forward's FLOPs, twice that with the input gradient) and the speed-up.
+milliseconds, GFLOP/s (the forward's FLOPs, twice that with the input gradient) and the speed-up;
+where the small-row GEMM runs, also its speed-up over the path it replaces (``vs oneDNN``: oneDNN for
+weights of at least 2^19 elements, torch below).
 
     python benches/bench_linear.py                 # the sweep above
     python benches/bench_linear.py --rows 1,8,32 --threads 2
@@ -81,6 +83,8 @@ def main() -> None:
                 "fwd": {
                     "torch": lambda ws=ws, x=x: [F.linear(x, w) for w in ws],
                     "spice_fast": lambda ws=ws, x=x: [linear(x, w) for w in ws],
+                    # oneDNN where linear would take it without the small-row GEMM (torch below 2^19)
+                    "onednn": lambda ws=ws, x=x: [linear(x, w, backend="onednn") for w in ws],
                 },
                 "fwd+dgrad": {  # the forward and the input gradient, as a frozen-weight backward runs
                     "torch": lambda ws=ws, x=xg, g=grad: [F.linear(x, w).backward(g) for w in ws],
@@ -99,13 +103,16 @@ def main() -> None:
                 op_flops = flops * (2 if op == "fwd+dgrad" else 1)
                 gflops = [op_flops / t[side] / 1e9 for side in ("torch", "spice_fast")]
                 path = kernel_path(m, n * k, op)
+                # the small-row GEMM against the path it replaces (oneDNN, or torch for small weights)
+                vs_onednn = t["onednn"] / t["spice_fast"] if path == "small-row" else "-"
                 table.append([m, name, op, "cold" if cold else "hot", path, t["torch"] * 1e3,
-                              t["spice_fast"] * 1e3, *gflops, ratio])  # fmt: skip
+                              t["spice_fast"] * 1e3, *gflops, ratio, vs_onednn])  # fmt: skip
                 results.append({"rows": m, "shape": name, "op": op, "cold": cold, "path": path,
-                                "torch_s": t["torch"], "ours_s": t["spice_fast"], "speedup": ratio})  # fmt: skip
+                                "torch_s": t["torch"], "ours_s": t["spice_fast"], "speedup": ratio,
+                                "onednn_s": t.get("onednn"), "speedup_vs_onednn": vs_onednn})  # fmt: skip
     print(f"CPU linear, float32, {torch.get_num_threads()} threads; times are per call over all weights")
     print_table(["rows", "shape", "op", "weights", "path", "torch ms", "spice_fast ms", "torch GFLOP/s",
-                 "spice_fast GFLOP/s", "speed-up"], table)  # fmt: skip
+                 "spice_fast GFLOP/s", "speed-up", "vs oneDNN"], table)  # fmt: skip
 
     swiglu_rows = []
     if cpu_ops_available():
