@@ -1,7 +1,8 @@
 """Build script: maps kernels/ to spice_fast.kernels and compiles the C++ extensions in csrc/.
 
 Metadata lives in pyproject.toml. Adding a native extension is one line in EXTENSIONS:
-(module name, list of sources under csrc/, whether it uses OpenMP). Sources are compiled as C++17 with pybind11.
+(module name, list of sources under csrc/, whether it uses OpenMP). Sources are compiled as C++17
+with pybind11.
 """
 
 from glob import glob

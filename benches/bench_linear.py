@@ -29,8 +29,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import print_json, print_table, time_interleaved  # noqa: E402
-from spice_fast.kernels._utils import cpu_ops_available
 from spice_fast.kernels import linear as linear_mod  # noqa: E402
+from spice_fast.kernels._utils import cpu_ops_available
 from spice_fast.kernels.linear import linear, onednn_available  # noqa: E402
 from spice_fast.kernels.swiglu import swiglu, swiglu_ref  # noqa: E402
 

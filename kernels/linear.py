@@ -79,7 +79,9 @@ def _plain_cpu_float32(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
         and weight.dim() == 2
         and type(x) in PLAIN_TENSORS
         and type(weight) in PLAIN_TENSORS
-        and (bias is None or (type(bias) in PLAIN_TENSORS and bias.dtype == torch.float32 and bias.dim() == 1))
+        and (
+            bias is None or (type(bias) in PLAIN_TENSORS and bias.dtype == torch.float32 and bias.dim() == 1)
+        )
         and x.numel() > 0
         and x.shape[-1] == weight.shape[1]
         and (bias is None or bias.shape[0] == weight.shape[0])

@@ -393,7 +393,9 @@ def _backward_vocab_slices(
     return grad_hidden, grad_weight
 
 
-def accumulate_grads(dlogits, h, weight_gemm, grad_hidden, grad_weight, start: int, first: bool = False) -> None:
+def accumulate_grads(
+    dlogits, h, weight_gemm, grad_hidden, grad_weight, start: int, first: bool = False
+) -> None:
     """The two gradient GEMMs of one chunk: rows of dL/dhidden, and dL/dweight added in fp32 (written,
     not added, by the ``first`` chunk, so the caller need not zero it)."""
     if dlogits.dtype != weight_gemm.dtype:

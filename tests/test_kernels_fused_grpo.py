@@ -198,7 +198,14 @@ def test_no_rows_gives_zero_gradients():
     weight = torch.randn(50, 16, requires_grad=True)
     empty = torch.zeros(0)
     loss, _ = fused_grpo_loss(
-        hidden, weight, torch.zeros(0, dtype=torch.long), empty, empty, empty, max_new_tokens=4, backend="torch"
+        hidden,
+        weight,
+        torch.zeros(0, dtype=torch.long),
+        empty,
+        empty,
+        empty,
+        max_new_tokens=4,
+        backend="torch",
     )
     loss.backward()
     assert float(loss.detach()) == 0.0 and torch.equal(weight.grad, torch.zeros_like(weight))

@@ -500,7 +500,9 @@ def test_shared_prefix_packing_gives_the_reference_gradients(budget):
         lens = lambda group: [len(s.prompt_ids) + len(s.completion_ids) - 1 for s in group]  # noqa: E731
         doc_group, question_group, lone = seqs[:5], seqs[5:8], seqs[8:]
         # the suffix [7, 8, 9] of samples 0, 2, 4 once; samples 1 and 3 have suffixes of their own
-        challenger = 20 + 3 + sum(n - 23 for n in lens(doc_group[::2])) + sum(n - 20 for n in lens(doc_group[1::2]))
+        challenger = (
+            20 + 3 + sum(n - 23 for n in lens(doc_group[::2])) + sum(n - 20 for n in lens(doc_group[1::2]))
+        )
         reasoner = 6 + sum(n - 6 for n in lens(question_group))
         assert m_shared["update/num_forward_tokens"] == challenger + reasoner + sum(lens(lone))
     reference = tiny_model().double()

@@ -272,7 +272,9 @@ def _segment_attention(q, k, v, batch: AttentionBatch, scale: float) -> torch.Te
             outs.append(_sdpa_causal(qs[i][None], ks[i][None], vs[i][None], scale)[0])
         else:
             mask = _causal_after(context, node[0], q.device)
-            outs.append(_sdpa_masked(qs[i], torch.cat([*keys, ks[i]]), torch.cat([*values, vs[i]]), mask, scale))
+            outs.append(
+                _sdpa_masked(qs[i], torch.cat([*keys, ks[i]]), torch.cat([*values, vs[i]]), mask, scale)
+            )
         for child in node[1]:
             attend(child, [*keys, ks[i]], [*values, vs[i]], context + node[0])
 

@@ -282,7 +282,11 @@ def _micro_batch(units: list[_Unit], agg: str, device: torch.device) -> _MicroBa
                 ids += x[shared_end:]
                 # token k of x sits in the prefix, in the group's shared part or in this branch
                 rows += [
-                    prefix_start + k if k < p else shared_start + k - p if k < shared_end else offset + k - shared_end
+                    prefix_start + k
+                    if k < p
+                    else shared_start + k - p
+                    if k < shared_end
+                    else offset + k - shared_end
                     for k in range(len(s.prompt_ids) - 1, len(x))
                 ]
                 branch_lens.append(len(x) - shared_end)
