@@ -7,7 +7,7 @@ with pybind11.
 
 from glob import glob
 
-from pybind11.setup_helpers import Pybind11Extension, build_ext
+from pybind11.setup_helpers import Pybind11Extension, build_ext, has_flag
 from setuptools import find_packages, setup
 
 EXTENSIONS: list[tuple[str, list[str], bool]] = [  # (name, sources, uses OpenMP)
@@ -18,22 +18,37 @@ EXTENSIONS: list[tuple[str, list[str], bool]] = [  # (name, sources, uses OpenMP
 
 
 def _extension(name: str, sources: list[str], openmp: bool) -> Pybind11Extension:
-    # OpenMP: the CPU kernels run on torch's own OpenMP threads (see csrc/parallel.h).
-    omp = ["-fopenmp"] if openmp else []
-    return Pybind11Extension(
+    ext = Pybind11Extension(
         name,
         sorted(sources),
         include_dirs=["csrc"],
         cxx_std=17,
-        extra_compile_args=["-O3", "-Wno-psabi", *omp],  # -Wno-psabi: vector values only cross inlined calls
-        extra_link_args=omp,
+        extra_compile_args=["-O3", "-Wno-psabi"],  # -Wno-psabi: vector values only cross inlined calls
     )
+    ext.uses_openmp = openmp
+    return ext
+
+
+class _BuildExt(build_ext):
+    """Builds the OpenMP extensions with -fopenmp when the compiler takes it: their CPU kernels then run
+    on torch's own OpenMP threads (see csrc/parallel.h). A compiler without OpenMP (Apple clang without
+    libomp) builds them single-threaded instead of failing."""
+
+    def build_extensions(self):
+        wanted = [ext for ext in self.extensions if getattr(ext, "uses_openmp", False)]
+        if wanted and has_flag(self.compiler, "-fopenmp"):
+            for ext in wanted:
+                ext.extra_compile_args.append("-fopenmp")
+                ext.extra_link_args.append("-fopenmp")
+        elif wanted:
+            self.warn("the C++ compiler does not take -fopenmp: the CPU kernels will run on one thread")
+        super().build_extensions()
 
 
 setup(
     packages=find_packages(include=["spice_fast", "spice_fast.*"]) + ["spice_fast.kernels"],
     package_dir={"spice_fast.kernels": "kernels"},
     ext_modules=[_extension(*ext) for ext in EXTENSIONS],
-    cmdclass={"build_ext": build_ext},
+    cmdclass={"build_ext": _BuildExt},
     zip_safe=False,
 )
