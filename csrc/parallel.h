@@ -32,6 +32,17 @@ void run_on_threads(int64_t threads, F&& fn) {
     fn(0);
 }
 
+// fn(r) once for each r in [0, count), on up to `count` threads; ranges are handed out through a
+// counter, so whatever number of threads the pool gives (one when nested or without OpenMP) covers
+// them all.
+template <typename F>
+void for_each_range(int64_t count, F&& fn) {
+    std::atomic<int64_t> next{0};
+    run_on_threads(count, [&](int64_t) {
+        for (int64_t r = next.fetch_add(1); r < count; r = next.fetch_add(1)) fn(r);
+    });
+}
+
 // Below about 64K values a parallel region costs more than it saves.
 constexpr int64_t kMinValuesPerThread = int64_t(1) << 16;
 
@@ -48,12 +59,9 @@ void parallel_ranges(int64_t n, int64_t item_size, int num_threads, F&& fn) {
         return;
     }
     const int64_t per = ((n + threads - 1) / threads + kAlign - 1) / kAlign * kAlign;
-    std::atomic<int64_t> next{0};  // ranges handed out in order, whichever thread takes them
-    run_on_threads(threads, [&](int64_t) {
-        for (int64_t t = next.fetch_add(1); t < threads; t = next.fetch_add(1)) {
-            const int64_t begin = std::min(n, t * per), end = std::min(n, begin + per);
-            if (begin < end) fn(begin, end);
-        }
+    for_each_range(threads, [&](int64_t t) {
+        const int64_t begin = std::min(n, t * per), end = std::min(n, begin + per);
+        if (begin < end) fn(begin, end);
     });
 }
 

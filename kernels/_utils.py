@@ -56,6 +56,16 @@ def pick_backend(backend: str | None, *tensors: torch.Tensor) -> str:
 
 # The CPU fast paths take plain tensors and parameters, not DTensor or other subclasses.
 PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+
+
+def plain_cpu_float32(*tensors: torch.Tensor) -> bool:
+    """Whether every tensor is a plain tensor or parameter on the CPU in float32: what the C++ and
+    oneDNN CPU paths take (anything else goes to the op's torch reference)."""
+    return all(
+        type(t) in PLAIN_TENSORS and t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors
+    )
+
+
 CPP_BACKENDS = ("auto", "cpp", "torch")
 _cpu_ops_module: list = []  # [module or None], filled on first use
 

@@ -38,7 +38,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from ._utils import PLAIN_TENSORS, cpu_ops, cpu_ops_available
+from ._utils import cpu_ops, cpu_ops_available, plain_cpu_float32
 
 log = logging.getLogger(__name__)
 
@@ -71,17 +71,12 @@ SMALL_GEMM_MAX_ROWS = 32  # small-row GEMM: calls without autograd of at most th
 SMALL_GEMM_MAX_WEIGHT_NUMEL = 1 << 26  # ... and weights under this many elements (larger: not measured)
 
 
-def _plain_cpu_float32(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+def _cpu_fast_path_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """Plain float32 CPU operands of matching shapes (a mismatch is left to ``F.linear`` to name)."""
     return (
-        x.device.type == "cpu"
-        and x.dtype == torch.float32
-        and weight.dtype == torch.float32
+        plain_cpu_float32(x, weight, *([] if bias is None else [bias]))
         and weight.dim() == 2
-        and type(x) in PLAIN_TENSORS
-        and type(weight) in PLAIN_TENSORS
-        and (
-            bias is None or (type(bias) in PLAIN_TENSORS and bias.dtype == torch.float32 and bias.dim() == 1)
-        )
+        and (bias is None or bias.dim() == 1)
         and x.numel() > 0
         and x.shape[-1] == weight.shape[1]
         and (bias is None or bias.shape[0] == weight.shape[0])
@@ -173,7 +168,7 @@ def linear(
 ) -> torch.Tensor:  # [..., N]
     """``F.linear(x, weight, bias)``: on float32 CPU tensors through the small-row GEMM or oneDNN
     (see the module docstring)."""
-    if not _plain_cpu_float32(x, weight, bias):
+    if not _cpu_fast_path_applies(x, weight, bias):
         return linear_ref(x, weight, bias)
     choice = pick_linear_backend(backend)
     if choice == "torch":

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from ._utils import PLAIN_TENSORS, cpu_ops, pick_cpp_backend
+from ._utils import cpu_ops, pick_cpp_backend, plain_cpu_float32
 
 
 def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -69,12 +69,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, backend: str | N
             f"weight must be [{x.shape[-1]}] for x of shape {tuple(x.shape)}, got {tuple(weight.shape)}"
         )
     if (
-        type(x) not in PLAIN_TENSORS
-        or type(weight) not in PLAIN_TENSORS
-        or x.device.type != "cpu"
-        or weight.device.type != "cpu"
-        or x.dtype != torch.float32
-        or weight.dtype != torch.float32
+        not plain_cpu_float32(x, weight)
         or x.numel() == 0
         or pick_cpp_backend(backend, "SPICE_FAST_RMS_NORM") == "torch"
     ):

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from ._utils import PLAIN_TENSORS, cpu_ops, pick_cpp_backend
+from ._utils import cpu_ops, pick_cpp_backend, plain_cpu_float32
 
 
 def rope_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -64,9 +64,7 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backend: str | N
             f"cos {tuple(cos.shape)}, sin {tuple(sin.shape)}"
         )
     if (
-        type(x) not in PLAIN_TENSORS
-        or x.device.type != "cpu"
-        or x.dtype != torch.float32
+        not plain_cpu_float32(x)
         or cos.dtype != torch.float32
         or sin.dtype != torch.float32
         or cos.requires_grad

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._utils import PLAIN_TENSORS, cpu_ops, pick_cpp_backend
+from ._utils import cpu_ops, pick_cpp_backend, plain_cpu_float32
 
 # Below this many elements (decode steps, small batches) torch's own element-wise kernels are as fast
 # and the fused kernel only adds call overhead (benches/bench_linear.py).
@@ -62,12 +62,7 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, backend: str | None = None) -> 
             f"gate and up must have the same shape, got {tuple(gate.shape)} and {tuple(up.shape)}"
         )
     if (
-        type(gate) not in PLAIN_TENSORS
-        or type(up) not in PLAIN_TENSORS
-        or gate.device.type != "cpu"
-        or up.device.type != "cpu"
-        or gate.dtype != torch.float32
-        or up.dtype != torch.float32
+        not plain_cpu_float32(gate, up)
         or (gate.numel() < MIN_NUMEL and backend is None)
         or pick_cpp_backend(backend, "SPICE_FAST_SWIGLU") == "torch"
     ):

@@ -2,7 +2,6 @@
 #include "ops/small_gemm.h"
 
 #include <algorithm>
-#include <atomic>
 
 #include "parallel.h"
 #include "vec.h"
@@ -92,14 +91,11 @@ void small_gemm(const float* x, int64_t ldx, const float* w, int64_t ldw, const 
     const int64_t by_work = m * n * k / kMinMacsPerThread;
     const int64_t tiles = (n + kColsPerTile - 1) / kColsPerTile;
     const int64_t threads = std::max<int64_t>(1, std::min<int64_t>({int64_t(num_threads), by_work, tiles}));
-    // `threads` contiguous runs of whole column tiles, taken by whichever threads the pool gives
+    // `threads` contiguous runs of whole column tiles
     const int64_t per = (tiles + threads - 1) / threads * kColsPerTile;
-    std::atomic<int64_t> next{0};
-    spice_parallel::run_on_threads(threads, [&](int64_t) {
-        for (int64_t t = next.fetch_add(1); t < threads; t = next.fetch_add(1)) {
-            const int64_t n0 = std::min(n, t * per), n1 = std::min(n, n0 + per);
-            if (n0 < n1) columns(x, ldx, w, ldw, bias, y, ldy, m, k, n0, n1);
-        }
+    spice_parallel::for_each_range(threads, [&](int64_t t) {
+        const int64_t n0 = std::min(n, t * per), n1 = std::min(n, n0 + per);
+        if (n0 < n1) columns(x, ldx, w, ldw, bias, y, ldy, m, k, n0, n1);
     });
 }
 

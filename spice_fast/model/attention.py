@@ -94,7 +94,7 @@ def _tree_positions(node, start: int, out: list[torch.Tensor]) -> None:
 def _collapse(node) -> tuple[int, list]:
     """The same attention pattern with fewest pieces: empty subtrees dropped, and a node with one child
     merged into it (the child follows its tokens directly, so the two are one causal run)."""
-    length, children = node[0], [_collapse(c) for c in node[1] if _tree_tokens(c)]
+    length, children = node[0], [c for c in map(_collapse, node[1]) if c != (0, [])]  # (0, []): empty
     while len(children) == 1:
         length, children = length + children[0][0], children[0][1]
     return (length, children)
@@ -153,10 +153,11 @@ class AttentionBatch:
         positions, lens, trees = [], [], []
         for group in groups:
             tree = _check_tree(group)
-            if _tree_tokens(tree) == 0:
+            num_tokens = _tree_tokens(tree)
+            if num_tokens == 0:
                 raise ValueError(f"bad segment: {group!r} has no tokens")
             _tree_positions(tree, 0, positions)
-            lens.append(_tree_tokens(tree))
+            lens.append(num_tokens)
             trees.append(_collapse(tree))
         batch = cls.packed(lens, device)
         if any(tree[1] for tree in trees):  # else every segment is one causal sequence: packed
