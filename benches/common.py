@@ -159,6 +159,17 @@ def bf16_peak_flops(device: torch.device | str) -> float | None:
     return next((flops for key, flops in BF16_PEAK_FLOPS.items() if key in name), None)
 
 
+def measured_gemm_flops(
+    device: torch.device | str, dtype: torch.dtype = torch.bfloat16, size: int = 8192
+) -> float:
+    """FLOP/s of one square ``size`` matmul through PyTorch (cuBLAS) on this device, measured now: the
+    ceiling a GEMM-bound kernel can reach here, beside the datasheet peak. Median of 10 after 3 warm-ups."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    seconds = time_interleaved({"mm": lambda: a @ b}, device=device, warmup=3, repeat=10)["mm"]
+    return 2 * size**3 / seconds
+
+
 class PeakMemory:
     """Peak extra bytes over a ``with`` block, cheap enough to wrap a timed run (no profiler).
 
