@@ -7,8 +7,11 @@ with pybind11.
 
 from glob import glob
 
-from pybind11.setup_helpers import Pybind11Extension, build_ext, has_flag
+from pybind11.setup_helpers import ParallelCompile, Pybind11Extension, build_ext, has_flag
 from setuptools import find_packages, setup
+
+# Compile the source files of each extension in parallel, on every core unless SPICE_FAST_BUILD_JOBS says.
+ParallelCompile("SPICE_FAST_BUILD_JOBS", default=0).install()
 
 EXTENSIONS: list[tuple[str, list[str], bool]] = [  # (name, sources, uses OpenMP)
     ("spice_fast._matcher", glob("csrc/matcher/*.cpp") + ["csrc/bindings.cpp"], False),

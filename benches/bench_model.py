@@ -43,9 +43,10 @@ def build(name: str, dtype: torch.dtype, device: str):
     )
     hf_config.architectures = CONFIGS[name]["architectures"]
     torch.manual_seed(0)
-    hf = transformers.AutoModelForCausalLM.from_config(hf_config, attn_implementation="sdpa")
-    hf = hf.to(device=device, dtype=dtype).eval()
-    ours = CausalLM(ModelConfig.from_hf(CONFIGS[name]))
+    with torch.device(device):  # random init on the device: on a CPU a 0.6B init alone takes many seconds
+        hf = transformers.AutoModelForCausalLM.from_config(hf_config, attn_implementation="sdpa")
+        hf = hf.to(dtype=dtype).eval()
+        ours = CausalLM(ModelConfig.from_hf(CONFIGS[name]))
     ours.load_state_dict({k: v for k, v in hf.state_dict().items() if k in ours.state_dict()}, strict=True)
     return hf, ours.to(device=device, dtype=dtype).eval()
 

@@ -44,7 +44,10 @@ QUESTIONS = [
 def hf_twin(model) -> transformers.PreTrainedModel:
     """A transformers model holding copies of the same weights."""
     config = transformers.AutoConfig.for_model(**model.config.to_hf())
-    hf = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=model.dtype)
+    with model.device:  # no random init of a second model on the CPU first
+        hf = transformers.AutoModelForCausalLM.from_config(
+            config, attn_implementation="sdpa", dtype=model.dtype
+        )
     missing = hf.load_state_dict(model.state_dict(), strict=False).missing_keys
     assert set(missing) <= {"lm_head.weight"}, missing  # tied head
     return hf.to(model.device).eval()
@@ -99,8 +102,9 @@ def main() -> None:
     if args.random:
         from bench_model import CONFIGS
 
-        model = CausalLM(ModelConfig.from_hf(CONFIGS[args.random]))
-        model = model.to(device=device, dtype=getattr(torch, args.dtype)).init_weights(seed=0).eval()
+        with device:
+            model = CausalLM(ModelConfig.from_hf(CONFIGS[args.random]))
+        model = model.to(dtype=getattr(torch, args.dtype)).init_weights(seed=0).eval()
         tokenizer = None
         gen = torch.Generator().manual_seed(0)
         prompts = [torch.randint(10, 1000, (40,), generator=gen).tolist() for _ in range(args.num_prompts)]

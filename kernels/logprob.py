@@ -114,6 +114,7 @@ def _logprob_bwd_kernel(
     stride_grad_logp,
     grad_entropy_ptr,
     stride_grad_entropy,
+    rowsum_ptr,
     num_cols,
     col_offset,
     inv_temperature,
@@ -121,7 +122,7 @@ def _logprob_bwd_kernel(
     ENTROPY: tl.constexpr,
 ):
     """Overwrites the row's logits (vocabulary columns col_offset + [0, num_cols)) with dloss/dlogits,
-    the 1/temperature factor included."""
+    the 1/temperature factor included, and adds the sum of the values it stored to rowsum[row]."""
     row = tl.program_id(0).to(tl.int64)
     row_ptr = logits_ptr + row * stride_logits_row
     target = tl.load(targets_ptr + row).to(tl.int64) - col_offset  # outside [0, num_cols): not here
@@ -132,6 +133,7 @@ def _logprob_bwd_kernel(
     if ENTROPY:
         ent = tl.load(entropy_ptr + row)
         g_ent = tl.load(grad_entropy_ptr + row * stride_grad_entropy).to(tl.float32)
+    total = 0.0
     for start in range(0, num_cols, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
         valid = cols < num_cols
@@ -142,7 +144,10 @@ def _logprob_bwd_kernel(
         if ENTROPY:
             # dH/dz_j = -p_j (log p_j + H)
             dz -= g_ent * p * tl.where(valid, logp + ent, 0.0)
-        tl.store(row_ptr + cols, (dz * inv_temperature).to(logits_ptr.dtype.element_ty), mask=valid)
+        stored = (dz * inv_temperature).to(logits_ptr.dtype.element_ty)
+        tl.store(row_ptr + cols, stored, mask=valid)
+        total += tl.sum(tl.where(valid, stored.to(tl.float32), 0.0), axis=0)
+    tl.store(rowsum_ptr + row, tl.load(rowsum_ptr + row) + total)
 
 
 def logprob_rows_fwd(logits: torch.Tensor, targets: torch.Tensor, temperature: float, return_entropy: bool):
@@ -179,10 +184,12 @@ def logprob_rows_bwd(
     grad_logp,
     grad_entropy,
     temperature: float,
-    col_offset: int = 0,
+    col_offset: int,
+    rowsum: torch.Tensor,
 ):
     """Launcher: overwrite ``logits`` [N, Vc] (vocabulary columns ``col_offset`` + [0, Vc)) with
-    dloss/dlogits. Upstream grads may be strided views; ``logp`` is unused (the PyTorch twin needs it)."""
+    dloss/dlogits and add each row's sum of them to ``rowsum`` [N] fp32. Upstream grads may be strided
+    views; ``logp`` is unused (the PyTorch twin needs it)."""
     num_rows, num_cols = logits.shape
     assert logits.stride(1) == 1
     use_entropy = entropy is not None and grad_entropy is not None
@@ -199,6 +206,7 @@ def logprob_rows_bwd(
             grad_logp.stride(0),
             grad_entropy if use_entropy else grad_logp,
             grad_entropy.stride(0) if use_entropy else 0,
+            rowsum,
             num_cols,
             col_offset,
             1.0 / temperature,
@@ -248,9 +256,11 @@ def _rows_bwd_torch(
     grad_logp,
     grad_entropy,
     temperature: float,
-    col_offset: int = 0,
+    col_offset: int,
+    rowsum: torch.Tensor,
 ):
-    """dloss/dlogits [N, Vc] fp32 for vocabulary columns ``col_offset`` + [0, Vc), in place in ``logits``."""
+    """dloss/dlogits [N, Vc] fp32 for vocabulary columns ``col_offset`` + [0, Vc), in place in ``logits``;
+    each row's sum of them is added to ``rowsum`` [N]."""
     z = logits if logits.dtype == torch.float32 else logits.float()
     if temperature != 1.0:
         z.div_(temperature)
@@ -278,6 +288,7 @@ def _rows_bwd_torch(
         z[rows, local[rows]] = tgt
     if temperature != 1.0:
         z.div_(temperature)
+    rowsum += z.sum(-1)
     return z
 
 
@@ -348,13 +359,28 @@ def _forward_chunks(hidden, weight, targets, temperature, return_entropy, backen
     return stats
 
 
+def slice_logits(h: torch.Tensor, w: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """Backward's recomputed logits of one vocabulary slice (a seam for tests: they perturb it)."""
+    return torch.mm(h, w.T, out=out)
+
+
 def _backward_vocab_slices(
     hidden, weight, targets, stats, grad_logp, grad_entropy, temperature, backend, chunk, need
 ):
     """dL/dhidden and dL/dweight, sliced over the vocabulary instead of the rows: per slice of Vc columns
     one [N, Vc] logits GEMM, the row kernel, then dL/dweight[slice] = dlogits.T @ hidden in one GEMM
     (written once, no weight-sized accumulator) and dL/dhidden += dlogits @ weight[slice] into an
-    [N, H] fp32 accumulator, which is much smaller than [V, H]. Same element budget as the forward."""
+    [N, H] fp32 accumulator, which is much smaller than [V, H]. Same element budget as the forward.
+
+    Slices are multiples of 128 columns, so every [N, Vc] operand has a 16-byte-aligned leading dimension
+    (cuBLAS drops to slow kernels otherwise: 2.3x the naive step's time on an H200 before this).
+
+    The recomputed logits need not equal the forward's bit for bit (cuBLAS picks other kernels for other
+    shapes), while m, log_s and 1 - p_t come from the forward. log p and the entropy are invariant to a
+    shift of all logits, so each row of dL/dlogits sums to zero; the mismatch breaks that by up to
+    |logit| x 2^-24 x g, which the weight columns then amplify (logits near -2e4 gave errors of 300 in
+    dL/dhidden). Each row's sum is therefore removed from its target column after the slices: a rank-1
+    correction of both gradients, exact for whatever the GEMMs saw."""
     num_rows, hidden_size = hidden.shape
     vocab = weight.shape[0]
     rows_bwd = logprob_rows_bwd if backend == "triton" else _rows_bwd_torch
@@ -362,7 +388,8 @@ def _backward_vocab_slices(
     entropy = stats[4] if grad_entropy is not None else None
     weight_gemm = gemm_weight(weight, backend)
     h_gemm = hidden if hidden.dtype == weight_gemm.dtype else hidden.to(weight_gemm.dtype)
-    cols = max(1, min(vocab, chunk * vocab // max(num_rows, 1)))
+    cols = min(vocab, max(128, chunk * vocab // max(num_rows, 1) // 128 * 128))
+    rowsum = torch.zeros(num_rows, device=hidden.device, dtype=torch.float32)
     buffer = torch.empty(num_rows * cols, device=hidden.device, dtype=weight_gemm.dtype)
     grad_hidden = (
         torch.zeros(num_rows, hidden_size, device=hidden.device, dtype=torch.float32) if need[0] else None
@@ -371,9 +398,9 @@ def _backward_vocab_slices(
     for start in range(0, vocab, cols):
         end = min(start + cols, vocab)
         w = weight_gemm[start:end]
-        logits = torch.mm(h_gemm, w.T, out=buffer[: num_rows * (end - start)].view(num_rows, end - start))
+        logits = slice_logits(h_gemm, w, buffer[: num_rows * (end - start)].view(num_rows, end - start))
         dlogits = rows_bwd(
-            logits, targets, logp, m, log_s, omp, entropy, grad_logp, grad_entropy, temperature, start
+            logits, targets, logp, m, log_s, omp, entropy, grad_logp, grad_entropy, temperature, start, rowsum
         )  # [N, Vc]
         if dlogits.dtype != w.dtype:
             dlogits = dlogits.to(w.dtype)
@@ -388,8 +415,12 @@ def _backward_vocab_slices(
             else:
                 grad_weight[start:end] = dlogits.T @ h_gemm
         del logits, dlogits
+    fix = -rowsum  # [N]: added to dL/dlogits[i, target_i]
     if grad_hidden is not None:
+        grad_hidden += fix.unsqueeze(-1) * weight_gemm[targets].float()
         grad_hidden = grad_hidden.to(hidden.dtype)
+    if grad_weight is not None:
+        grad_weight.index_add_(0, targets, (fix.unsqueeze(-1) * hidden.float()).to(grad_weight.dtype))
     return grad_hidden, grad_weight
 
 

@@ -133,8 +133,14 @@ def _paged_decode_kernel(
     scale,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-    PAGES_PER_SPLIT: tl.constexpr, NORMALIZE: tl.constexpr,
+    PAGES_PER_SPLIT: tl.constexpr, NORMALIZE: tl.constexpr, FP32: tl.constexpr,
 ):  # fmt: skip
+    """One (sequence, KV head, split): BLOCK_N positions per step, gathered from their pages through the
+    block table, so a step reads several pages at once. Scores and P @ V are tensor-core dots with fp32
+    accumulation; the query heads of the group are the rows (padded to BLOCK_G >= 16, as dots need).
+    16-bit caches: P goes in as two 16-bit terms (hi + lo), so the probabilities keep about 16 bits
+    instead of the 8 of one bf16 rounding. FP32 (fp32 caches, and every cache under Triton's CPU
+    interpreter, whose 16-bit dots return garbage): IEEE fp32 dots."""
     seq = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1).to(tl.int64)
     split = tl.program_id(2).to(tl.int64)
@@ -149,31 +155,46 @@ def _paged_decode_kernel(
         q_ptr + seq * stride_q_seq + heads[:, None] * stride_q_head + offs_d[None, :],
         mask=g_mask[:, None] & d_mask[None, :],
         other=0.0,
-    ).to(tl.float32)  # [BLOCK_G, BLOCK_D]
+    )  # [BLOCK_G, BLOCK_D]
+    q = q.to(tl.float32) if FP32 else q.to(k_ptr.dtype.element_ty)
     m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
-    first_page = split * PAGES_PER_SPLIT
+    first = split * (PAGES_PER_SPLIT * BLOCK_SIZE)
     # Table entries past the context are never read: they may hold anything.
-    last_page = tl.minimum(first_page + PAGES_PER_SPLIT, (ctx + BLOCK_SIZE - 1) // BLOCK_SIZE)
-    for page in range(first_page, last_page):
-        pos = page * BLOCK_SIZE + offs_n  # [BLOCK_N]
-        n_mask = (offs_n < BLOCK_SIZE) & (pos < ctx)
-        block = tl.load(tables_ptr + seq * stride_table_seq + page)
-        base = block.to(tl.int64) * stride_k_block + kv_head * stride_k_head
-        kv_off = base + offs_n[:, None] * stride_k_tok + offs_d[None, :]
+    last = tl.minimum(first + PAGES_PER_SPLIT * BLOCK_SIZE, ctx)
+    for start in range(first, last, BLOCK_N):
+        pos = start + offs_n  # [BLOCK_N]
+        n_mask = pos < last
+        block = tl.load(tables_ptr + seq * stride_table_seq + pos // BLOCK_SIZE, mask=n_mask, other=0)
+        row = (
+            block.to(tl.int64) * stride_k_block + (pos % BLOCK_SIZE) * stride_k_tok + kv_head * stride_k_head
+        )
+        kv_off = row[:, None] + offs_d[None, :]
         kv_mask = n_mask[:, None] & d_mask[None, :]
-        k = tl.load(k_ptr + kv_off, mask=kv_mask, other=0.0).to(tl.float32)  # [BLOCK_N, BLOCK_D]
-        scores = tl.sum(q[:, None, :] * k[None, :, :], axis=2) * scale  # [BLOCK_G, BLOCK_N]
-        scores = tl.where(n_mask[None, :], scores, float("-inf"))
+        k = tl.load(k_ptr + kv_off, mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
+        v = tl.load(v_ptr + kv_off, mask=kv_mask, other=0.0)
+        if FP32:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        if FP32:
+            scores = tl.dot(q, tl.trans(k), input_precision="ieee")
+        else:
+            scores = tl.dot(q, tl.trans(k))
+        scores = tl.where(n_mask[None, :], scores * scale, float("-inf"))  # [BLOCK_G, BLOCK_N]
         m_new = tl.maximum(m_i, tl.max(scores, axis=1))
-        # A page with no valid token leaves m at -inf; keep exp() finite.
+        # Padded query rows see only -inf: keep exp() finite.
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp(m_i - m_safe)
         prob = tl.exp(scores - m_safe[:, None])
-        v = tl.load(v_ptr + kv_off, mask=kv_mask, other=0.0).to(tl.float32)
-        acc = acc * alpha[:, None] + tl.sum(prob[:, :, None] * v[None, :, :], axis=1)
         l_i = l_i * alpha + tl.sum(prob, axis=1)
+        acc = acc * alpha[:, None]
+        if FP32:
+            acc = tl.dot(prob, v, acc, input_precision="ieee")
+        else:
+            p_hi = prob.to(v.dtype)
+            p_lo = (prob - p_hi.to(tl.float32)).to(v.dtype)
+            acc = tl.dot(p_lo, v, tl.dot(p_hi, v, acc))
         m_i = m_new
     out_off = seq * stride_o_seq + heads[:, None] * stride_o_head + split * stride_o_split + offs_d[None, :]
     out_mask = g_mask[:, None] & d_mask[None, :]
@@ -212,10 +233,10 @@ def _merge_splits_kernel(
 def _num_splits(q: torch.Tensor, num_kv_heads: int, max_blocks: int) -> int:
     if not q.is_cuda:
         return 1
-    # Enough programs to cover the GPU twice over when there are few sequences.
+    # Enough programs to cover the GPU four times over when there are few sequences.
     sms = torch.cuda.get_device_properties(q.device).multi_processor_count
     programs = q.shape[0] * num_kv_heads
-    return max(1, min(max_blocks, -(-2 * sms // programs), 64))
+    return max(1, min(max_blocks, -(-4 * sms // programs), 64))
 
 
 def paged_decode_attention(
@@ -249,10 +270,11 @@ def paged_decode_attention(
     out_dtype = q.dtype if q.is_cuda else torch.float32
     out = torch.empty(q.shape, dtype=out_dtype, device=q.device)
     group = num_heads // num_kv_heads
+    block_d = max(16, next_pow2(head_dim))
     meta = dict(
         GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
-        BLOCK_G=next_pow2(group), BLOCK_D=next_pow2(head_dim), BLOCK_N=next_pow2(block_size),
-        PAGES_PER_SPLIT=pages_per_split,
+        BLOCK_G=max(16, next_pow2(group)), BLOCK_D=block_d, BLOCK_N=64 if block_d <= 128 else 32,
+        PAGES_PER_SPLIT=pages_per_split, FP32=k_cache.dtype == torch.float32 or not q.is_cuda,
     )  # fmt: skip
     grid = (num_seqs, num_kv_heads, splits)
     if splits == 1:

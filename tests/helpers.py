@@ -41,11 +41,15 @@ def assert_error_rule(
     *,
     tiny: float = 1e-6,
     name: str = "",
+    factor: float = 2.0,
 ):
-    """STYLE.md: err(kernel vs fp64) <= 2 * err(PyTorch at the kernel's precision vs fp64) + tiny."""
+    """STYLE.md: err(kernel vs fp64) <= 2 * err(PyTorch at the kernel's precision vs fp64) + tiny.
+    ``factor`` replaces the 2 only where a test says why."""
     k_err, t_err = max_err(kernel, reference_fp64), max_err(torch_same_precision, reference_fp64)
-    if not k_err <= 2 * t_err + tiny:
-        raise AssertionError(f"{name}: kernel error {k_err:.3e} > 2 x torch error {t_err:.3e} + {tiny:.1e}")
+    if not k_err <= factor * t_err + tiny:
+        raise AssertionError(
+            f"{name}: kernel error {k_err:.3e} > {factor:g} x torch error {t_err:.3e} + {tiny:.1e}"
+        )
 
 
 class LargestTensor(TorchDispatchMode):
