@@ -5,7 +5,8 @@ Methods, all computing the Dr. GRPO clipped loss and its gradients w.r.t. hidden
 - trl:     full logits, TRL-style chunked selective log-softmax, then ``policy_loss_ref``.
 - unfused: ``policy_loss(fused_linear_logprob(...))``: no [N, V] tensor, logits recomputed in backward (8NHV).
 - fused:   ``fused_grpo_loss``: one vocabulary pass plus the two gradient GEMMs (6NHV).
-- liger:   Liger-Kernel's ``LigerFusedLinearGRPOLoss`` (dr_grpo), only when liger_kernel is installed.
+- liger:   Liger-Kernel's ``LigerFusedLinearGRPOLoss`` (dr_grpo) at its defaults (one sequence per chunk),
+           only when liger_kernel is installed; liger8: the same with 8 sequences (4,096 rows) per chunk.
 Prints median step time, peak extra memory, ratios to naive and, on a GPU, TFLOP/s counted as 6NHV
 against the bf16 peak. Then one JSON line.
 
@@ -69,8 +70,9 @@ def fused(h, w, targets, old, adv, mask):
     return fused_grpo_loss(h, w, targets, old, adv, mask)[0]
 
 
-def liger_method():
-    """Liger's fused linear GRPO loss with the Dr. GRPO aggregation, or None when not installed."""
+def liger_method(chunk_size: int = 1):
+    """Liger's fused linear GRPO loss with the Dr. GRPO aggregation, or None when not installed.
+    ``chunk_size`` is sequences per chunk: Liger's default is 1 (here 512 rows per vocabulary GEMM)."""
     try:
         from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
     except ImportError:
@@ -78,7 +80,11 @@ def liger_method():
 
     def loss(h, w, targets, old, adv, mask):
         module = LigerFusedLinearGRPOLoss(
-            beta=0.0, use_ref_model=False, loss_type="dr_grpo", max_completion_length=targets.shape[1]
+            beta=0.0,
+            use_ref_model=False,
+            loss_type="dr_grpo",
+            max_completion_length=targets.shape[1],
+            chunk_size=chunk_size,
         )
         out = module(h, w, targets, mask.to(h.dtype), adv, old_per_token_logps=old)
         return out[0] if isinstance(out, tuple) else out
@@ -92,7 +98,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bf16 on GPU, fp32 on CPU")
     p.add_argument("--models", default=None, help="comma-separated, from " + ",".join(MODELS))
     p.add_argument("--n", default=None, help="comma-separated token counts to sweep")
-    p.add_argument("--methods", default="naive,trl,unfused,fused,liger")
+    p.add_argument("--methods", default="naive,trl,unfused,fused,liger,liger8")
     p.add_argument("--quick", action="store_true", help="small shapes, fewer repeats")
     p.add_argument("--target", action="store_true", help="the CPU target only: N=4096, SmolLM2, fp32")
     p.add_argument("--warmup", type=int, default=None)
@@ -113,7 +119,7 @@ def main(argv: list[str] | None = None) -> None:
     gemm = measured_gemm_flops(device, dtype) if on_gpu else None  # what cuBLAS reaches here, now
 
     available = {"naive": with_logprob(naive_logprob), "trl": with_logprob(trl_logprob)}
-    available |= {"unfused": unfused, "fused": fused, "liger": liger_method()}
+    available |= {"unfused": unfused, "fused": fused, "liger": liger_method(), "liger8": liger_method(8)}
     methods = {}
     for name in args.methods.split(","):
         if available.get(name) is None:

@@ -75,7 +75,9 @@ def main() -> None:
     for b, t in shapes:
         ids = torch.randint(0, ours.config.vocab_size, (b, t), generator=gen).to(args.device)
         with torch.inference_mode():
-            torch.testing.assert_close(ours(ids), hf(ids).logits.float(), atol=5e-2, rtol=5e-2)
+            # a sanity check, not the parity test (tests/test_model.py): bf16 logits of ~10 are 1/16 apart
+            tol = 5e-2 if dtype == torch.float32 else 2.5e-1
+            torch.testing.assert_close(ours(ids), hf(ids).logits.float(), atol=tol, rtol=5e-2)
             times = time_interleaved(
                 {"hf": lambda x=ids: hf(x).logits, "ours": lambda x=ids: ours(x)},
                 device=args.device,

@@ -4,11 +4,14 @@
 ``log_softmax(hidden @ weight.T / temperature).gather(-1, targets)`` (``fused_linear_logprob_ref``), with
 the optional entropy of the same distribution, but never stores the [N, V] logits: rows are processed in
 chunks, each chunk's [C, V] logits are made by one GEMM, reduced to a few numbers per row (log-prob,
-log-sum-exp, 1 - p(target), entropy) and dropped. Backward recomputes each chunk's logits, turns them in
-place into dlogits and runs the two gradient GEMMs, so memory stays O(C * V + N) beyond the inputs.
+log-sum-exp, 1 - p(target), entropy) and dropped. Backward recomputes the logits chunk by chunk, turns
+them in place into dlogits and runs the two gradient GEMMs, so memory stays O(C * V + N) beyond the
+inputs: over forward's row chunks, with the row statistics recomputed from the new logits, on a GPU and
+for Triton (``_backward_row_chunks``); over vocabulary slices with a row-sum correction for the PyTorch
+backend on a CPU (``_backward_vocab_slices``).
 
-Two row backends share the chunk loop (switch in ``_utils.pick_backend``): Triton kernels
-(``_logprob_fwd_kernel`` / ``_logprob_bwd_kernel``, logits in the input dtype as cuBLAS returns them,
+Two row backends share the chunk loops (switch in ``_utils.pick_backend``): Triton kernels
+(``_logprob_fwd_kernel`` / ``_logprob_grad_kernel``, logits in the input dtype as cuBLAS returns them,
 upcast to fp32 inside) and plain PyTorch (the CPU path, everything in fp32).
 
 Numerics: temperature applied in fp32, out-of-range columns are -inf, 1 - p(target) is accumulated from
@@ -102,52 +105,65 @@ def _logprob_fwd_kernel(
 
 
 @lazy_jit
-def _logprob_bwd_kernel(
+def _logprob_grad_kernel(
     logits_ptr,
     stride_logits_row,
     targets_ptr,
-    max_ptr,
-    log_s_ptr,
-    omp_ptr,
-    entropy_ptr,
     grad_logp_ptr,
     stride_grad_logp,
     grad_entropy_ptr,
     stride_grad_entropy,
-    rowsum_ptr,
     num_cols,
-    col_offset,
     inv_temperature,
     BLOCK_V: tl.constexpr,
     ENTROPY: tl.constexpr,
 ):
-    """Overwrites the row's logits (vocabulary columns col_offset + [0, num_cols)) with dloss/dlogits,
-    the 1/temperature factor included, and adds the sum of the values it stored to rowsum[row]."""
+    """Overwrites a row of recomputed logits with dloss/dlogits, the 1/temperature factor included.
+
+    The row's statistics (max, sums, 1 - p_t, entropy) are recomputed from these logits in a first pass,
+    not taken from forward: a recomputed GEMM may differ from forward's in the last bit (cuBLAS picks
+    other kernels for other shapes), and p_j from one set of logits with the normaliser of another no
+    longer add up with 1 - p_t. Each row of the result then sums to zero as the exact gradient does."""
     row = tl.program_id(0).to(tl.int64)
     row_ptr = logits_ptr + row * stride_logits_row
-    target = tl.load(targets_ptr + row).to(tl.int64) - col_offset  # outside [0, num_cols): not here
-    m = tl.load(max_ptr + row)
-    log_s = tl.load(log_s_ptr + row)
-    omp = tl.load(omp_ptr + row)
+    target = tl.load(targets_ptr + row).to(tl.int64)
+    z_t = tl.load(row_ptr + target).to(tl.float32) * inv_temperature
+    m = float("-inf")
+    s_other = 0.0
+    s_all = 0.0
+    acc = 0.0
+    for start in range(0, num_cols, BLOCK_V):  # pass 1: forward's statistics, as _logprob_fwd_kernel
+        cols = start + tl.arange(0, BLOCK_V)
+        valid = cols < num_cols
+        z = tl.load(row_ptr + cols, mask=valid, other=float("-inf")).to(tl.float32) * inv_temperature
+        m_new = tl.maximum(m, tl.max(z, axis=0))
+        alpha = tl.exp(m - m_new)
+        e = tl.exp(z - m_new)
+        s_other = alpha * s_other + tl.sum(tl.where(cols == target, 0.0, e), axis=0)
+        if ENTROPY:
+            shift = tl.where(s_all > 0, m - m_new, 0.0) * s_all
+            acc = alpha * (acc + shift) + tl.sum(e * tl.where(valid, z - m_new, 0.0), axis=0)
+            s_all = alpha * s_all + tl.sum(e, axis=0)
+        m = m_new
+    s = tl.exp(z_t - m) + s_other
+    log_s = tl.log(s)
+    omp = s_other / s
     g = tl.load(grad_logp_ptr + row * stride_grad_logp).to(tl.float32)
     if ENTROPY:
-        ent = tl.load(entropy_ptr + row)
+        ent = tl.log(s_all) - acc / s_all
         g_ent = tl.load(grad_entropy_ptr + row * stride_grad_entropy).to(tl.float32)
-    total = 0.0
-    for start in range(0, num_cols, BLOCK_V):
+    for start in range(0, num_cols, BLOCK_V):  # pass 2: dloss/dlogits in place
         cols = start + tl.arange(0, BLOCK_V)
         valid = cols < num_cols
         z = tl.load(row_ptr + cols, mask=valid, other=float("-inf")).to(tl.float32) * inv_temperature
         logp = (z - m) - log_s
         p = tl.exp(logp)
+        # the target column: g (1 - p_t), not g - g p_t, which rounds to 0 when p_t ~ 1
         dz = tl.where(cols == target, g * omp, -g * p)
         if ENTROPY:
             # dH/dz_j = -p_j (log p_j + H)
             dz -= g_ent * p * tl.where(valid, logp + ent, 0.0)
-        stored = (dz * inv_temperature).to(logits_ptr.dtype.element_ty)
-        tl.store(row_ptr + cols, stored, mask=valid)
-        total += tl.sum(tl.where(valid, stored.to(tl.float32), 0.0), axis=0)
-    tl.store(rowsum_ptr + row, tl.load(rowsum_ptr + row) + total)
+        tl.store(row_ptr + cols, (dz * inv_temperature).to(logits_ptr.dtype.element_ty), mask=valid)
 
 
 def logprob_rows_fwd(logits: torch.Tensor, targets: torch.Tensor, temperature: float, return_entropy: bool):
@@ -173,42 +189,22 @@ def logprob_rows_fwd(logits: torch.Tensor, targets: torch.Tensor, temperature: f
     return out[0], out[1], out[2], out[3], (out[4] if return_entropy else None)
 
 
-def logprob_rows_bwd(
-    logits,
-    targets,
-    logp,
-    m,
-    log_s,
-    omp,
-    entropy,
-    grad_logp,
-    grad_entropy,
-    temperature: float,
-    col_offset: int,
-    rowsum: torch.Tensor,
-):
-    """Launcher: overwrite ``logits`` [N, Vc] (vocabulary columns ``col_offset`` + [0, Vc)) with
-    dloss/dlogits and add each row's sum of them to ``rowsum`` [N] fp32. Upstream grads may be strided
-    views; ``logp`` is unused (the PyTorch twin needs it)."""
+def logprob_rows_grad(logits, targets, grad_logp, grad_entropy, temperature: float):
+    """Launcher: overwrite recomputed ``logits`` [C, V] with dloss/dlogits (statistics recomputed from
+    them). Upstream grads may be strided views; ``grad_entropy`` None skips the entropy term."""
     num_rows, num_cols = logits.shape
     assert logits.stride(1) == 1
-    use_entropy = entropy is not None and grad_entropy is not None
+    use_entropy = grad_entropy is not None
     if num_rows:
-        _logprob_bwd_kernel[(num_rows,)](
+        _logprob_grad_kernel[(num_rows,)](
             logits,
             logits.stride(0),
             targets,
-            m,
-            log_s,
-            omp,
-            entropy if use_entropy else m,
             grad_logp,
             grad_logp.stride(0),
             grad_entropy if use_entropy else grad_logp,
             grad_entropy.stride(0) if use_entropy else 0,
-            rowsum,
             num_cols,
-            col_offset,
             1.0 / temperature,
             BLOCK_V=default_block_v(num_cols),
             ENTROPY=use_entropy,
@@ -256,11 +252,11 @@ def _rows_bwd_torch(
     grad_logp,
     grad_entropy,
     temperature: float,
-    col_offset: int,
-    rowsum: torch.Tensor,
+    col_offset: int = 0,
+    rowsum: torch.Tensor | None = None,
 ):
     """dloss/dlogits [N, Vc] fp32 for vocabulary columns ``col_offset`` + [0, Vc), in place in ``logits``;
-    each row's sum of them is added to ``rowsum`` [N]."""
+    each row's sum of them is added to ``rowsum`` [N] when given."""
     z = logits if logits.dtype == torch.float32 else logits.float()
     if temperature != 1.0:
         z.div_(temperature)
@@ -288,8 +284,19 @@ def _rows_bwd_torch(
         z[rows, local[rows]] = tgt
     if temperature != 1.0:
         z.div_(temperature)
-    rowsum += z.sum(-1)
+    if rowsum is not None:
+        rowsum += z.sum(-1)
     return z
+
+
+def _rows_grad_torch(logits, targets, grad_logp, grad_entropy, temperature: float):
+    """PyTorch twin of ``logprob_rows_grad``: statistics from these logits, then dloss/dlogits [C, V]."""
+    logp, m, log_s, omp, entropy = _rows_fwd_torch(
+        logits.clone(), targets, temperature, grad_entropy is not None
+    )
+    return _rows_bwd_torch(
+        logits, targets, logp, m, log_s, omp, entropy, grad_logp, grad_entropy, temperature
+    )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -359,31 +366,55 @@ def _forward_chunks(hidden, weight, targets, temperature, return_entropy, backen
     return stats
 
 
-def slice_logits(h: torch.Tensor, w: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """Backward's recomputed logits of one vocabulary slice (a seam for tests: they perturb it)."""
+def recompute_logits(h: torch.Tensor, w: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """Backward's recomputed logits ``h @ w.T`` into ``out`` (a seam for tests: they perturb it)."""
     return torch.mm(h, w.T, out=out)
+
+
+def _backward_row_chunks(hidden, weight, targets, grad_logp, grad_entropy, temperature, backend, chunk, need):
+    """dL/dhidden and dL/dweight over forward's row chunks: per chunk, the [C, V] logits again, the row
+    kernel (which recomputes the row statistics from them, so the gradient is consistent with whatever
+    bits this GEMM produced), then the two gradient GEMMs, dL/dweight accumulated in fp32. The path of
+    the Triton backend and of every CUDA tensor."""
+    num_rows = hidden.shape[0]
+    rows_grad = logprob_rows_grad if backend == "triton" else _rows_grad_torch
+    weight_gemm = gemm_weight(weight, backend)
+    buffer = logits_buffer(chunk, num_rows, weight_gemm)
+    grad_hidden = torch.empty_like(hidden) if need[0] else None
+    grad_weight = torch.empty(weight.shape, device=weight.device, dtype=torch.float32) if need[1] else None
+    for start in range(0, num_rows, chunk):
+        end = min(start + chunk, num_rows)
+        h = hidden[start:end]
+        hg = h if h.dtype == weight_gemm.dtype else h.to(weight_gemm.dtype)
+        logits = recompute_logits(hg, weight_gemm, buffer[: end - start])
+        g_ent = None if grad_entropy is None else grad_entropy[start:end]
+        dlogits = rows_grad(logits, targets[start:end], grad_logp[start:end], g_ent, temperature)
+        accumulate_grads(dlogits, h, weight_gemm, grad_hidden, grad_weight, start, first=start == 0)
+        del logits, dlogits
+    if grad_weight is not None:
+        if num_rows == 0:
+            grad_weight.zero_()
+        grad_weight = grad_weight.to(weight.dtype)
+    return grad_hidden, grad_weight
 
 
 def _backward_vocab_slices(
     hidden, weight, targets, stats, grad_logp, grad_entropy, temperature, backend, chunk, need
 ):
-    """dL/dhidden and dL/dweight, sliced over the vocabulary instead of the rows: per slice of Vc columns
-    one [N, Vc] logits GEMM, the row kernel, then dL/dweight[slice] = dlogits.T @ hidden in one GEMM
-    (written once, no weight-sized accumulator) and dL/dhidden += dlogits @ weight[slice] into an
-    [N, H] fp32 accumulator, which is much smaller than [V, H]. Same element budget as the forward.
+    """dL/dhidden and dL/dweight of the PyTorch backend on a CPU, sliced over the vocabulary instead of the
+    rows: per slice of Vc columns (a multiple of 128) one [N, Vc] logits GEMM, the row pass, then
+    dL/dweight[slice] = dlogits.T @ hidden in one GEMM (written once, no weight-sized accumulator) and
+    dL/dhidden += dlogits @ weight[slice] into an [N, H] fp32 accumulator, which is much smaller than
+    [V, H]. Same element budget as the forward.
 
-    Slices are multiples of 128 columns, so every [N, Vc] operand has a 16-byte-aligned leading dimension
-    (cuBLAS drops to slow kernels otherwise: 2.3x the naive step's time on an H200 before this).
-
-    The recomputed logits need not equal the forward's bit for bit (cuBLAS picks other kernels for other
-    shapes), while m, log_s and 1 - p_t come from the forward. log p and the entropy are invariant to a
-    shift of all logits, so each row of dL/dlogits sums to zero; the mismatch breaks that by up to
-    |logit| x 2^-24 x g, which the weight columns then amplify (logits near -2e4 gave errors of 300 in
-    dL/dhidden). Each row's sum is therefore removed from its target column after the slices: a rank-1
-    correction of both gradients, exact for whatever the GEMMs saw."""
+    The row statistics (m, log_s, 1 - p_t) come from forward, whose GEMM had other shapes and need not
+    have produced the same last bits. log p and the entropy are invariant to a shift of all logits, so
+    each row of dL/dlogits sums to zero; a mismatch breaks that by up to |logit| x 2^-24 x g, which the
+    weight columns then amplify (on an H200, logits near -2e4 gave errors of 300 in dL/dhidden). Each
+    row's sum is therefore removed from its target column after the slices: a rank-1 correction of both
+    gradients. (``_backward_row_chunks`` recomputes the statistics instead.)"""
     num_rows, hidden_size = hidden.shape
     vocab = weight.shape[0]
-    rows_bwd = logprob_rows_bwd if backend == "triton" else _rows_bwd_torch
     logp, m, log_s, omp = stats[0], stats[1], stats[2], stats[3]
     entropy = stats[4] if grad_entropy is not None else None
     weight_gemm = gemm_weight(weight, backend)
@@ -398,8 +429,8 @@ def _backward_vocab_slices(
     for start in range(0, vocab, cols):
         end = min(start + cols, vocab)
         w = weight_gemm[start:end]
-        logits = slice_logits(h_gemm, w, buffer[: num_rows * (end - start)].view(num_rows, end - start))
-        dlogits = rows_bwd(
+        logits = recompute_logits(h_gemm, w, buffer[: num_rows * (end - start)].view(num_rows, end - start))
+        dlogits = _rows_bwd_torch(
             logits, targets, logp, m, log_s, omp, entropy, grad_logp, grad_entropy, temperature, start, rowsum
         )  # [N, Vc]
         if dlogits.dtype != w.dtype:
@@ -470,18 +501,11 @@ class _FusedLinearLogprob(torch.autograd.Function):
             return None, None, None, None, None, None, None
         if grad_logp is None:
             grad_logp = torch.zeros_like(stats[0])
-        grad_hidden, grad_weight = _backward_vocab_slices(
-            hidden,
-            weight,
-            targets,
-            stats,
-            grad_logp,
-            grad_entropy,
-            temperature,
-            backend,
-            chunk,
-            need,
-        )
+        common = (grad_logp, grad_entropy, temperature, backend, chunk, need)
+        if backend == "triton" or hidden.is_cuda:
+            grad_hidden, grad_weight = _backward_row_chunks(hidden, weight, targets, *common)
+        else:
+            grad_hidden, grad_weight = _backward_vocab_slices(hidden, weight, targets, stats, *common)
         return grad_hidden, grad_weight, None, None, None, None, None
 
 

@@ -102,28 +102,51 @@ def test_real_vocab_sizes(backend, vocab):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_backward_tolerates_recomputed_logits_that_differ(backend, monkeypatch):
-    """cuBLAS picks other kernels for backward's vocabulary slices than for forward's row chunks, so the
+    """cuBLAS picks other kernels for backward's GEMMs than for forward's when the shapes differ, so the
     recomputed logits may differ from forward's in the last bit (seen on an H200). With logits near -2e4
-    one ulp is 2e-3, and unless each row of dL/dlogits is made to sum to zero, the -2e4 weight column
-    turns that into errors of 300 in dL/dhidden. Simulated here by recomputing the logits in fp64 and
-    rounding them once: as exact as fp32 allows, but not forward's bits.
+    one ulp is 2e-3: p_j from the new logits and the normaliser from the old no longer add up, and the
+    -2e4 weight column turned that into errors of 300 in dL/dhidden. Simulated here by recomputing the
+    logits in fp64 and rounding them once: as exact as fp32 allows, but not forward's bits.
 
-    dL/dweight gets 3x instead of STYLE.md's 2x: its p_j combine the recomputed logit's rounding with
-    forward's normaliser's, two roundings of |z| ~ 2e4 where PyTorch's reference has one (measured:
-    2.3x). Without the row-sum correction dL/dhidden is off by 9,000x.
+    Row chunks (Triton, CUDA) recompute the row statistics, so STYLE.md's 2x holds. The CPU PyTorch
+    path's vocabulary slices keep forward's normaliser and remove each row's sum instead; there
+    dL/dweight gets 3x: its p_j combine two roundings of |z| ~ 2e4 where the reference has one
+    (measured 2.3x; without the correction dL/dhidden is off by 9,000x).
     """
+    sliced = backend == "torch" and DEVICE == "cpu"
 
     def another_gemm(h, w, out):
         return out.copy_(h.double() @ w.double().T)
 
-    monkeypatch.setattr(logprob_module, "slice_logits", another_gemm)
+    monkeypatch.setattr(logprob_module, "recompute_logits", another_gemm)
     hidden, weight, targets = make_inputs(20, 64, 1037, torch.float32)
     hidden[:, 0] = 1.0
     weight[:, 0] = -20000.0
     check_against_ref(
         hidden, weight, targets, backend, entropy=True, temperature=0.9, chunk_size=8,
-        factors={"grad_weight": 3.0},
+        factors={"grad_weight": 3.0} if sliced else None,
     )  # fmt: skip
+
+
+@pytest.mark.parametrize("entropy", [False, True])
+def test_row_chunk_backward_of_the_pytorch_backend(entropy):
+    """The PyTorch row path of ``_backward_row_chunks`` (what CUDA tensors take with backend="torch") on
+    the CPU, where the autograd wrapper would pick the vocabulary slices."""
+    hidden, weight, targets = make_inputs(37, 64, 1037, torch.float32)
+    g = torch.Generator().manual_seed(1)
+    grad_logp = torch.randn(37, generator=g).to(DEVICE)
+    grad_ent = torch.randn(37, generator=g).to(DEVICE) if entropy else None
+    got = logprob_module._backward_row_chunks(
+        hidden, weight, targets, grad_logp, grad_ent, 0.7, "torch", 16, (True, True)
+    )
+    same = run(fused_linear_logprob_ref, hidden, weight, targets, grad_logp, grad_ent, temperature=0.7)
+    exact = run(
+        fused_linear_logprob_ref, hidden.double(), weight.double(), targets, grad_logp.double(),
+        None if grad_ent is None else grad_ent.double(), temperature=0.7,
+    )  # fmt: skip
+    for name, k, t, e in zip(("grad_hidden", "grad_weight"), got, same[2:], exact[2:], strict=True):
+        assert k.dtype == torch.float32
+        assert_error_rule(k, t, e, tiny=1e-5, name=name)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
