@@ -14,8 +14,9 @@ new token's K/V are already written.
 * ``paged_decode_attention``: the launcher. Triton on CUDA tensors (or on CPU tensors under
   ``TRITON_INTERPRET=1`` when forced), the reference otherwise. One program per (sequence, KV head,
   split of the KV length): the grouped query heads of a KV head are handled together, so each K/V
-  element is read once; scores and the online softmax are fp32. With several splits a second
-  kernel merges the partial results (log-sum-exp weighting).
+  element is read once; 64 positions per step are gathered through the block table (several pages
+  at once) into tensor-core dots with fp32 accumulation, and the online softmax is fp32. With several
+  splits a second kernel merges the partial results (log-sum-exp weighting).
 
 tests/test_paged_attention.py compares the kernel with the reference on odd shapes.
 """
@@ -177,13 +178,12 @@ def _paged_decode_kernel(
         if FP32:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
-        if FP32:
             scores = tl.dot(q, tl.trans(k), input_precision="ieee")
         else:
             scores = tl.dot(q, tl.trans(k))
         scores = tl.where(n_mask[None, :], scores * scale, float("-inf"))  # [BLOCK_G, BLOCK_N]
         m_new = tl.maximum(m_i, tl.max(scores, axis=1))
-        # Padded query rows see only -inf: keep exp() finite.
+        # Every step holds a valid position, so m stays finite; the guard keeps exp() finite regardless.
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp(m_i - m_safe)
         prob = tl.exp(scores - m_safe[:, None])
