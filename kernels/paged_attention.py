@@ -230,6 +230,17 @@ def _merge_splits_kernel(
     tl.store(out_ptr + row * stride_o_row + offs_d, out.to(out_ptr.dtype.element_ty), mask=offs_d < HEAD_DIM)
 
 
+def decode_meta(group: int, head_dim: int, block_size: int, pages_per_split: int, fp32: bool) -> dict:
+    """The decode kernel's constexprs: the query heads of a group are the rows of the dots, padded to
+    16 (the smallest MMA tile); 64 positions per step, 32 for head_dim over 128 (registers)."""
+    block_d = max(16, next_pow2(head_dim))
+    return dict(
+        GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
+        BLOCK_G=max(16, next_pow2(group)), BLOCK_D=block_d, BLOCK_N=64 if block_d <= 128 else 32,
+        PAGES_PER_SPLIT=pages_per_split, FP32=fp32,
+    )  # fmt: skip
+
+
 def _num_splits(q: torch.Tensor, num_kv_heads: int, max_blocks: int) -> int:
     if not q.is_cuda:
         return 1
@@ -269,13 +280,9 @@ def paged_decode_attention(
     # do; there the kernel writes fp32 and PyTorch rounds, so tests see the GPU's numerics.
     out_dtype = q.dtype if q.is_cuda else torch.float32
     out = torch.empty(q.shape, dtype=out_dtype, device=q.device)
-    group = num_heads // num_kv_heads
-    block_d = max(16, next_pow2(head_dim))
-    meta = dict(
-        GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
-        BLOCK_G=max(16, next_pow2(group)), BLOCK_D=block_d, BLOCK_N=64 if block_d <= 128 else 32,
-        PAGES_PER_SPLIT=pages_per_split, FP32=k_cache.dtype == torch.float32 or not q.is_cuda,
-    )  # fmt: skip
+    # Triton's CPU interpreter returns garbage from 16-bit dots: fp32 there
+    fp32 = k_cache.dtype == torch.float32 or not q.is_cuda
+    meta = decode_meta(num_heads // num_kv_heads, head_dim, block_size, pages_per_split, fp32)
     grid = (num_seqs, num_kv_heads, splits)
     if splits == 1:
         _paged_decode_kernel[grid](
