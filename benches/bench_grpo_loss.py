@@ -5,6 +5,7 @@ Methods, all computing the Dr. GRPO clipped loss and its gradients w.r.t. hidden
 - trl:     full logits, TRL-style chunked selective log-softmax, then ``policy_loss_ref``.
 - unfused: ``policy_loss(fused_linear_logprob(...))``: no [N, V] tensor, logits recomputed in backward (8NHV).
 - fused:   ``fused_grpo_loss``: one vocabulary pass plus the two gradient GEMMs (6NHV).
+- fused2:  the same in two equal row chunks (not in the default list; a GPU chunking candidate).
 - liger:   Liger-Kernel's ``LigerFusedLinearGRPOLoss`` (dr_grpo) at its defaults (one sequence per chunk),
            only when liger_kernel is installed; liger8: the same with 8 sequences (4,096 rows) per chunk.
 Prints median step time, peak extra memory, ratios to naive and, on a GPU, TFLOP/s counted as 6NHV
@@ -70,6 +71,14 @@ def fused(h, w, targets, old, adv, mask):
     return fused_grpo_loss(h, w, targets, old, adv, mask)[0]
 
 
+def fused_half(h, w, targets, old, adv, mask):
+    """The same with the rows in two equal chunks (aligned to 256): a candidate GPU default to time
+    against the default's chunks (about 1 GiB of bf16 logits each, the last one short)."""
+    num_rows = targets.numel()
+    chunk = max(256, -(-num_rows // 2 // 256) * 256)
+    return fused_grpo_loss(h, w, targets, old, adv, mask, chunk_size=chunk)[0]
+
+
 def liger_method(chunk_size: int = 1):
     """Liger's fused linear GRPO loss with the Dr. GRPO aggregation, or None when not installed.
     ``chunk_size`` is sequences per chunk: Liger's default is 1 (here 512 rows per vocabulary GEMM)."""
@@ -119,7 +128,8 @@ def main(argv: list[str] | None = None) -> None:
     gemm = measured_gemm_flops(device, dtype) if on_gpu else None  # what cuBLAS reaches here, now
 
     available = {"naive": with_logprob(naive_logprob), "trl": with_logprob(trl_logprob)}
-    available |= {"unfused": unfused, "fused": fused, "liger": liger_method(), "liger8": liger_method(8)}
+    available |= {"unfused": unfused, "fused": fused, "fused2": fused_half}
+    available |= {"liger": liger_method(), "liger8": liger_method(8)}
     methods = {}
     for name in args.methods.split(","):
         if available.get(name) is None:
