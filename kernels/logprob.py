@@ -10,9 +10,9 @@ inputs: over forward's row chunks, with the row statistics recomputed from the n
 for Triton (``_backward_row_chunks``); over vocabulary slices with a row-sum correction for the PyTorch
 backend on a CPU (``_backward_vocab_slices``).
 
-Two row backends share the chunk loops (switch in ``_utils.pick_backend``): Triton kernels
-(``_logprob_fwd_kernel`` / ``_logprob_grad_kernel``, logits in the input dtype as cuBLAS returns them,
-upcast to fp32 inside) and plain PyTorch (the CPU path, everything in fp32).
+Two row backends share the chunk loops (switch in ``_utils.pick_backend``): a Triton kernel
+(``_logprob_rows_kernel``, forward or backward by a constexpr, logits in the input dtype as cuBLAS
+returns them, upcast to fp32 inside) and plain PyTorch (the CPU path, everything in fp32).
 
 Numerics: temperature applied in fp32, out-of-range columns are -inf, 1 - p(target) is accumulated from
 the other columns so a near-certain token keeps its gradient, and log p(target) of the row maximum uses
@@ -52,7 +52,7 @@ def fused_linear_logprob_ref(
 
 
 @lazy_jit
-def _logprob_fwd_kernel(
+def _logprob_rows_kernel(
     logits_ptr,
     stride_logits_row,
     targets_ptr,
@@ -61,11 +61,24 @@ def _logprob_fwd_kernel(
     log_s_ptr,
     omp_ptr,
     entropy_ptr,
+    grad_logp_ptr,
+    stride_grad_logp,
+    grad_entropy_ptr,
+    stride_grad_entropy,
     num_cols,
     inv_temperature,
     BLOCK_V: tl.constexpr,
     ENTROPY: tl.constexpr,
+    GRAD: tl.constexpr,
 ):
+    """One row: the log-softmax statistics in a first pass over the columns. Forward (GRAD False) stores
+    them; backward (GRAD True) overwrites the row's recomputed logits with dloss/dlogits in a second pass,
+    the 1/temperature factor included.
+
+    Backward recomputes the statistics instead of reading forward's: a recomputed GEMM may differ from
+    forward's in the last bit (cuBLAS picks other kernels for other shapes), and p_j from one set of
+    logits with the normaliser of another no longer add up with 1 - p_t. From the same logits each row
+    of the result sums to zero, as the exact gradient does."""
     row = tl.program_id(0).to(tl.int64)
     row_ptr = logits_ptr + row * stride_logits_row
     target = tl.load(targets_ptr + row).to(tl.int64)
@@ -87,83 +100,39 @@ def _logprob_fwd_kernel(
             acc = alpha * (acc + shift) + tl.sum(e * tl.where(valid, z - m_new, 0.0), axis=0)
             s_all = alpha * s_all + tl.sum(e, axis=0)
         m = m_new
-    e_t = tl.exp(z_t - m)
-    s = e_t + s_other
-    log_s = tl.log(s)
-    # log1p(s_other) without libdevice: exact when 1 + s_other rounds to 1
-    u = 1.0 + s_other
-    log1p_other = tl.where(u == 1.0, s_other, tl.log(u) * s_other / tl.where(u == 1.0, 1.0, u - 1.0))
-    logp = tl.where(z_t == m, -log1p_other, (z_t - m) - log_s)
-    tl.store(logp_ptr + row, logp)
-    # the shift is kept as (max, log-sum) rather than max + log-sum: for logits far from 0 their fp32 sum
-    # would round, and backward's p_j would no longer add up with 1 - p_t (the cancellation in dhidden)
-    tl.store(max_ptr + row, m)
-    tl.store(log_s_ptr + row, log_s)
-    tl.store(omp_ptr + row, s_other / s)
-    if ENTROPY:
-        tl.store(entropy_ptr + row, tl.log(s_all) - acc / s_all)
-
-
-@lazy_jit
-def _logprob_grad_kernel(
-    logits_ptr,
-    stride_logits_row,
-    targets_ptr,
-    grad_logp_ptr,
-    stride_grad_logp,
-    grad_entropy_ptr,
-    stride_grad_entropy,
-    num_cols,
-    inv_temperature,
-    BLOCK_V: tl.constexpr,
-    ENTROPY: tl.constexpr,
-):
-    """Overwrites a row of recomputed logits with dloss/dlogits, the 1/temperature factor included.
-
-    The row's statistics (max, sums, 1 - p_t, entropy) are recomputed from these logits in a first pass,
-    not taken from forward: a recomputed GEMM may differ from forward's in the last bit (cuBLAS picks
-    other kernels for other shapes), and p_j from one set of logits with the normaliser of another no
-    longer add up with 1 - p_t. Each row of the result then sums to zero as the exact gradient does."""
-    row = tl.program_id(0).to(tl.int64)
-    row_ptr = logits_ptr + row * stride_logits_row
-    target = tl.load(targets_ptr + row).to(tl.int64)
-    z_t = tl.load(row_ptr + target).to(tl.float32) * inv_temperature
-    m = float("-inf")
-    s_other = 0.0
-    s_all = 0.0
-    acc = 0.0
-    for start in range(0, num_cols, BLOCK_V):  # pass 1: forward's statistics, as _logprob_fwd_kernel
-        cols = start + tl.arange(0, BLOCK_V)
-        valid = cols < num_cols
-        z = tl.load(row_ptr + cols, mask=valid, other=float("-inf")).to(tl.float32) * inv_temperature
-        m_new = tl.maximum(m, tl.max(z, axis=0))
-        alpha = tl.exp(m - m_new)
-        e = tl.exp(z - m_new)
-        s_other = alpha * s_other + tl.sum(tl.where(cols == target, 0.0, e), axis=0)
-        if ENTROPY:
-            shift = tl.where(s_all > 0, m - m_new, 0.0) * s_all
-            acc = alpha * (acc + shift) + tl.sum(e * tl.where(valid, z - m_new, 0.0), axis=0)
-            s_all = alpha * s_all + tl.sum(e, axis=0)
-        m = m_new
     s = tl.exp(z_t - m) + s_other
     log_s = tl.log(s)
     omp = s_other / s
-    g = tl.load(grad_logp_ptr + row * stride_grad_logp).to(tl.float32)
     if ENTROPY:
         ent = tl.log(s_all) - acc / s_all
-        g_ent = tl.load(grad_entropy_ptr + row * stride_grad_entropy).to(tl.float32)
-    for start in range(0, num_cols, BLOCK_V):  # pass 2: dloss/dlogits in place
-        cols = start + tl.arange(0, BLOCK_V)
-        valid = cols < num_cols
-        z = tl.load(row_ptr + cols, mask=valid, other=float("-inf")).to(tl.float32) * inv_temperature
-        logp = (z - m) - log_s
-        p = tl.exp(logp)
-        # the target column: g (1 - p_t), not g - g p_t, which rounds to 0 when p_t ~ 1
-        dz = tl.where(cols == target, g * omp, -g * p)
+    if GRAD:
+        g = tl.load(grad_logp_ptr + row * stride_grad_logp).to(tl.float32)
         if ENTROPY:
-            # dH/dz_j = -p_j (log p_j + H)
-            dz -= g_ent * p * tl.where(valid, logp + ent, 0.0)
-        tl.store(row_ptr + cols, (dz * inv_temperature).to(logits_ptr.dtype.element_ty), mask=valid)
+            g_ent = tl.load(grad_entropy_ptr + row * stride_grad_entropy).to(tl.float32)
+        for start in range(0, num_cols, BLOCK_V):
+            cols = start + tl.arange(0, BLOCK_V)
+            valid = cols < num_cols
+            z = tl.load(row_ptr + cols, mask=valid, other=float("-inf")).to(tl.float32) * inv_temperature
+            logp = (z - m) - log_s
+            p = tl.exp(logp)
+            # the target column: g (1 - p_t), not g - g p_t, which rounds to 0 when p_t ~ 1
+            dz = tl.where(cols == target, g * omp, -g * p)
+            if ENTROPY:
+                # dH/dz_j = -p_j (log p_j + H)
+                dz -= g_ent * p * tl.where(valid, logp + ent, 0.0)
+            tl.store(row_ptr + cols, (dz * inv_temperature).to(logits_ptr.dtype.element_ty), mask=valid)
+    else:
+        # log1p(s_other) without libdevice: exact when 1 + s_other rounds to 1
+        u = 1.0 + s_other
+        log1p_other = tl.where(u == 1.0, s_other, tl.log(u) * s_other / tl.where(u == 1.0, 1.0, u - 1.0))
+        tl.store(logp_ptr + row, tl.where(z_t == m, -log1p_other, (z_t - m) - log_s))
+        # the shift is kept as (max, log-sum) rather than max + log-sum: for logits far from 0 their fp32
+        # sum would round, and the CPU backward's p_j would no longer add up with 1 - p_t
+        tl.store(max_ptr + row, m)
+        tl.store(log_s_ptr + row, log_s)
+        tl.store(omp_ptr + row, omp)
+        if ENTROPY:
+            tl.store(entropy_ptr + row, ent)
 
 
 def logprob_rows_fwd(logits: torch.Tensor, targets: torch.Tensor, temperature: float, return_entropy: bool):
@@ -172,20 +141,11 @@ def logprob_rows_fwd(logits: torch.Tensor, targets: torch.Tensor, temperature: f
     assert logits.stride(1) == 1 and targets.is_contiguous()
     out = torch.empty(5 if return_entropy else 4, num_rows, device=logits.device, dtype=torch.float32)
     if num_rows:
-        _logprob_fwd_kernel[(num_rows,)](
-            logits,
-            logits.stride(0),
-            targets,
-            out[0],
-            out[1],
-            out[2],
-            out[3],
-            out[4] if return_entropy else out[0],
-            num_cols,
-            1.0 / temperature,
-            BLOCK_V=default_block_v(num_cols),
-            ENTROPY=return_entropy,
-        )
+        _logprob_rows_kernel[(num_rows,)](
+            logits, logits.stride(0), targets, out[0], out[1], out[2], out[3],
+            out[4] if return_entropy else out[0], out[0], 0, out[0], 0, num_cols, 1.0 / temperature,
+            BLOCK_V=default_block_v(num_cols), ENTROPY=return_entropy, GRAD=False,
+        )  # fmt: skip
     return out[0], out[1], out[2], out[3], (out[4] if return_entropy else None)
 
 
@@ -196,19 +156,12 @@ def logprob_rows_grad(logits, targets, grad_logp, grad_entropy, temperature: flo
     assert logits.stride(1) == 1
     use_entropy = grad_entropy is not None
     if num_rows:
-        _logprob_grad_kernel[(num_rows,)](
-            logits,
-            logits.stride(0),
-            targets,
-            grad_logp,
-            grad_logp.stride(0),
-            grad_entropy if use_entropy else grad_logp,
-            grad_entropy.stride(0) if use_entropy else 0,
-            num_cols,
-            1.0 / temperature,
-            BLOCK_V=default_block_v(num_cols),
-            ENTROPY=use_entropy,
-        )
+        g_ent = grad_entropy if use_entropy else grad_logp
+        _logprob_rows_kernel[(num_rows,)](
+            logits, logits.stride(0), targets, grad_logp, grad_logp, grad_logp, grad_logp, grad_logp,
+            grad_logp, grad_logp.stride(0), g_ent, g_ent.stride(0), num_cols, 1.0 / temperature,
+            BLOCK_V=default_block_v(num_cols), ENTROPY=use_entropy, GRAD=True,
+        )  # fmt: skip
     return logits
 
 

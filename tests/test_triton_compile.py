@@ -38,9 +38,10 @@ def cases() -> dict[str, tuple[str, str, dict, dict]]:
     for dtype in ("bf16", "fp32"):
         logits = {"logits_ptr": f"*{dtype}", "targets_ptr": "*i64"}
         for entropy in (False, True):
-            meta = {"BLOCK_V": VOCAB_BLOCK, "ENTROPY": entropy}
-            out[f"logprob_fwd-{dtype}-entropy{entropy}"] = ("logprob", "_logprob_fwd_kernel", meta, logits)
-            out[f"logprob_grad-{dtype}-entropy{entropy}"] = ("logprob", "_logprob_grad_kernel", meta, logits)
+            for grad in (False, True):
+                meta = {"BLOCK_V": VOCAB_BLOCK, "ENTROPY": entropy, "GRAD": grad}
+                name = f"logprob_{'grad' if grad else 'fwd'}-{dtype}-entropy{entropy}"
+                out[name] = ("logprob", "_logprob_rows_kernel", meta, logits)
         for flag in (False, True):
             meta = {"BLOCK_V": VOCAB_BLOCK, "HAS_REF": flag, "HAS_ISW": flag}
             out[f"fused_grpo-{dtype}-extras{flag}"] = ("fused_grpo", "_fused_grpo_kernel", meta, logits)
