@@ -20,7 +20,7 @@ import torch
 
 from ._utils import default_block_v, default_chunk_rows, lazy_jit, pick_backend
 from .grpo import NUM_STATS, metrics_from_stats, prepare_policy_inputs, token_terms_torch
-from .logprob import accumulate_grads, chunk_logits, gemm_weight, logits_buffer
+from .logprob import ChunkGrads, chunk_logits, gemm_weight, logits_buffer
 
 tl = None  # triton.language, bound by _utils.lazy_jit at the first launch (keeps the import light)
 
@@ -152,9 +152,7 @@ class _FusedGRPOLoss(torch.autograd.Function):
         temperature, clip_low, clip_high, kl_coef, backend, chunk = config
         num_rows = hidden.shape[0]
         need_h, need_w = ctx.needs_input_grad[:2]
-        grad_hidden = torch.empty_like(hidden) if need_h else None
-        # written by the first chunk's GEMM, then added to: no zero-fill pass over the [V, H] gradient
-        grad_weight = torch.empty(weight.shape, device=weight.device, dtype=torch.float32) if need_w else None
+        grads = ChunkGrads(hidden, weight, (need_h, need_w))
         weight_gemm = gemm_weight(weight, backend)
         buffer = logits_buffer(chunk, num_rows, weight_gemm)
         rows = fused_grpo_rows if backend == "triton" else _fused_grpo_rows_torch
@@ -177,12 +175,9 @@ class _FusedGRPOLoss(torch.autograd.Function):
                     logits, *per_row, *opt, temperature, clip_low, clip_high, kl_coef
                 )
             stats += chunk_stats
-            accumulate_grads(dlogits, h, weight_gemm, grad_hidden, grad_weight, start, first=start == 0)
+            grads.add(dlogits, h, weight_gemm, start)
             del logits, dlogits
-        if grad_weight is not None:
-            if num_rows == 0:  # no chunk wrote it
-                grad_weight.zero_()
-            grad_weight = grad_weight.to(weight.dtype)
+        grad_hidden, grad_weight = grads.result()
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.mark_non_differentiable(stats, logp)
         return stats[0].clone(), stats, logp

@@ -333,8 +333,7 @@ def _backward_row_chunks(hidden, weight, targets, grad_logp, grad_entropy, tempe
     rows_grad = logprob_rows_grad if backend == "triton" else _rows_grad_torch
     weight_gemm = gemm_weight(weight, backend)
     buffer = logits_buffer(chunk, num_rows, weight_gemm)
-    grad_hidden = torch.empty_like(hidden) if need[0] else None
-    grad_weight = torch.empty(weight.shape, device=weight.device, dtype=torch.float32) if need[1] else None
+    grads = ChunkGrads(hidden, weight, need)
     for start in range(0, num_rows, chunk):
         end = min(start + chunk, num_rows)
         h = hidden[start:end]
@@ -342,13 +341,9 @@ def _backward_row_chunks(hidden, weight, targets, grad_logp, grad_entropy, tempe
         logits = recompute_logits(hg, weight_gemm, buffer[: end - start])
         g_ent = None if grad_entropy is None else grad_entropy[start:end]
         dlogits = rows_grad(logits, targets[start:end], grad_logp[start:end], g_ent, temperature)
-        accumulate_grads(dlogits, h, weight_gemm, grad_hidden, grad_weight, start, first=start == 0)
+        grads.add(dlogits, h, weight_gemm, start)
         del logits, dlogits
-    if grad_weight is not None:
-        if num_rows == 0:
-            grad_weight.zero_()
-        grad_weight = grad_weight.to(weight.dtype)
-    return grad_hidden, grad_weight
+    return grads.result()
 
 
 def _backward_vocab_slices(
@@ -408,27 +403,48 @@ def _backward_vocab_slices(
     return grad_hidden, grad_weight
 
 
-def accumulate_grads(
-    dlogits, h, weight_gemm, grad_hidden, grad_weight, start: int, first: bool = False
-) -> None:
-    """The two gradient GEMMs of one chunk: rows of dL/dhidden, and dL/dweight added in fp32 (written,
-    not added, by the ``first`` chunk, so the caller need not zero it)."""
-    if dlogits.dtype != weight_gemm.dtype:
-        dlogits = dlogits.to(weight_gemm.dtype)
-    if grad_hidden is not None:
-        grad_hidden[start : start + dlogits.shape[0]] = dlogits @ weight_gemm
-    if grad_weight is not None:
-        hg = h if h.dtype == dlogits.dtype else h.to(dlogits.dtype)
-        same = grad_weight.dtype == dlogits.dtype
-        if first:
-            if same:
-                torch.mm(dlogits.T, hg, out=grad_weight)
+class ChunkGrads:
+    """dL/dhidden and dL/dweight of a pass over row chunks, added chunk by chunk (``add``): the chunk's
+    rows of dL/dhidden, and dL/dweight in fp32, written rather than added by the first chunk so the
+    [V, H] gradient needs no zero-fill pass. ``result()`` gives both in the inputs' dtypes (None where
+    ``need`` says no)."""
+
+    def __init__(self, hidden: torch.Tensor, weight: torch.Tensor, need: tuple[bool, bool]):
+        self.grad_hidden = torch.empty_like(hidden) if need[0] else None
+        self.grad_weight = (
+            torch.empty(weight.shape, device=weight.device, dtype=torch.float32) if need[1] else None
+        )
+        self.weight_dtype = weight.dtype
+        self.first = True
+
+    def add(self, dlogits: torch.Tensor, h: torch.Tensor, weight_gemm: torch.Tensor, start: int) -> None:
+        """The two gradient GEMMs of the chunk whose rows start at ``start``."""
+        if dlogits.dtype != weight_gemm.dtype:
+            dlogits = dlogits.to(weight_gemm.dtype)
+        if self.grad_hidden is not None:
+            self.grad_hidden[start : start + dlogits.shape[0]] = dlogits @ weight_gemm
+        grad_weight = self.grad_weight
+        if grad_weight is not None:
+            hg = h if h.dtype == dlogits.dtype else h.to(dlogits.dtype)
+            same = grad_weight.dtype == dlogits.dtype
+            if self.first:
+                if same:
+                    torch.mm(dlogits.T, hg, out=grad_weight)
+                else:
+                    grad_weight.copy_(dlogits.T @ hg)
+            elif same:
+                grad_weight.addmm_(dlogits.T, hg)
             else:
-                grad_weight.copy_(dlogits.T @ hg)
-        elif same:
-            grad_weight.addmm_(dlogits.T, hg)
-        else:
-            grad_weight += dlogits.T @ hg
+                grad_weight += dlogits.T @ hg
+        self.first = False
+
+    def result(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        grad_weight = self.grad_weight
+        if grad_weight is not None:
+            if self.first:  # no chunk wrote it (no rows)
+                grad_weight.zero_()
+            grad_weight = grad_weight.to(self.weight_dtype)
+        return self.grad_hidden, grad_weight
 
 
 class _FusedLinearLogprob(torch.autograd.Function):
