@@ -324,6 +324,12 @@ def recompute_logits(h: torch.Tensor, w: torch.Tensor, out: torch.Tensor) -> tor
     return torch.mm(h, w.T, out=out)
 
 
+def _backward_over_rows(backend: str, hidden: torch.Tensor) -> bool:
+    """Which backward: row chunks with recomputed statistics for Triton and every CUDA tensor,
+    vocabulary slices for the PyTorch backend on a CPU."""
+    return backend == "triton" or hidden.is_cuda
+
+
 def _backward_row_chunks(hidden, weight, targets, grad_logp, grad_entropy, temperature, backend, chunk, need):
     """dL/dhidden and dL/dweight over forward's row chunks: per chunk, the [C, V] logits again, the row
     kernel (which recomputes the row statistics from them, so the gradient is consistent with whatever
@@ -471,7 +477,7 @@ class _FusedLinearLogprob(torch.autograd.Function):
         if grad_logp is None:
             grad_logp = torch.zeros_like(stats[0])
         common = (grad_logp, grad_entropy, temperature, backend, chunk, need)
-        if backend == "triton" or hidden.is_cuda:
+        if _backward_over_rows(backend, hidden):
             grad_hidden, grad_weight = _backward_row_chunks(hidden, weight, targets, *common)
         else:
             grad_hidden, grad_weight = _backward_vocab_slices(hidden, weight, targets, stats, *common)
