@@ -80,9 +80,11 @@ typedef int32_t i32x16 __attribute__((vector_size(64)));
 
 // e^x for x <= 0 (lane-wise), branch-free: x = n ln2 + r with |r| <= ln2 / 2 (n rounded to nearest
 // by the 1.5 * 2^23 trick), e^r by Cephes' degree-7 expf polynomial, 2^n through the exponent bits.
-// Relative error below 2e-7 (std::exp's is 6e-8); 0 below -87, where float32 underflows anyway.
+// Relative error below 2e-7 (std::exp's is 6e-8); 0 below -87 (-inf included), where float32
+// underflows anyway.
 SPICE_INLINE f32x16 exp_nonpositive(f32x16 x) {
-    const f32x16 c = x < -87.f ? x * 0.f - 87.f : x;
+    const f32x16 zero = {};
+    const f32x16 c = x < -87.f ? zero - 87.f : x;
     const f32x16 n = (c * 1.44269504088896341f + 12582912.f) - 12582912.f;
     const f32x16 r = (c - n * 0.693359375f) + n * 2.12194440e-4f;  // Cody-Waite: ln2 in two parts
     const f32x16 r2 = r * r;
@@ -95,7 +97,7 @@ SPICE_INLINE f32x16 exp_nonpositive(f32x16 x) {
     const i32x16 bits = (__builtin_convertvector(n, i32x16) + 127) << 23;
     f32x16 scale;
     std::memcpy(&scale, &bits, sizeof scale);
-    return x < -87.f ? x * 0.f : p * scale;
+    return x < -87.f ? zero : p * scale;
 }
 
 // s[i] = e^(s[i] - shift) for n values with s[i] <= shift; a last partial vector goes through a

@@ -1,4 +1,5 @@
-// pybind11 module spice_fast._cpu_ops: CPU kernels of the model's layers (rms_norm.h, rope.h, small_gemm.h, swiglu.h).
+// pybind11 module spice_fast._cpu_ops: CPU kernels of the model's layers (rms_norm.h, rope.h, small_gemm.h, swiglu.h)
+// and of the engine's token sampling (sampling.h).
 // Tensors arrive as data pointers with their sizes; spice_fast.kernels.rms_norm, .rope and .swiglu check
 // devices, dtypes, shapes and contiguity before calling.
 #include <pybind11/pybind11.h>
@@ -7,6 +8,7 @@
 
 #include "ops/rms_norm.h"
 #include "ops/rope.h"
+#include "ops/sampling.h"
 #include "ops/small_gemm.h"
 #include "ops/swiglu.h"
 
@@ -15,6 +17,10 @@ namespace py = pybind11;
 namespace {
 const float* in(uintptr_t p) { return reinterpret_cast<const float*>(p); }
 float* out(uintptr_t p) { return reinterpret_cast<float*>(p); }
+template <typename T>
+const T* in_as(uintptr_t p) {
+    return reinterpret_cast<const T*>(p);
+}
 }  // namespace
 
 PYBIND11_MODULE(_cpu_ops, m) {
@@ -82,4 +88,17 @@ PYBIND11_MODULE(_cpu_ops, m) {
         },
         py::arg("dh"), py::arg("g"), py::arg("u"), py::arg("dg"), py::arg("du"), py::arg("n"),
         py::arg("num_threads"));
+    m.def(
+        "sample_rows",
+        [](uintptr_t logits, int64_t ld, int64_t rows, int64_t vocab, uintptr_t temps, uintptr_t top_ps,
+           uintptr_t top_ks, uintptr_t us, uintptr_t tokens, uintptr_t logprobs, int num_threads) {
+            if (rows < 0 || vocab <= 0 || (ld < vocab && ld != 0))
+                throw py::value_error(
+                    "sample_rows: rows must be non-negative, vocab positive, ld >= vocab or 0 (one row for all)");
+            py::gil_scoped_release release;
+            spice_ops::sample_rows(in(logits), ld, rows, vocab, in(temps), in(top_ps), in_as<int64_t>(top_ks),
+                                   in(us), reinterpret_cast<int64_t*>(tokens), out(logprobs), num_threads);
+        },
+        py::arg("logits"), py::arg("ld"), py::arg("rows"), py::arg("vocab"), py::arg("temps"), py::arg("top_ps"),
+        py::arg("top_ks"), py::arg("us"), py::arg("tokens"), py::arg("logprobs"), py::arg("num_threads"));
 }

@@ -9,6 +9,16 @@ model's own GEMMs; the inverse CDF costs one exp pass and a two-level search (ch
 cumulative sum over one chunk), with no division when T = 1 and no argmax without greedy rows; top-k
 and top-p sets are looked for among the 1,024 most likely tokens before any full sort.
 
+Two paths draw the same tokens: ``sample_tokens_ref`` in torch (any device, the definition of correct)
+and, for float32 CPU logits, the C++ kernel of ``csrc/ops/sampling.cpp`` (``spice_fast._cpu_ops``):
+one pass per row on the threads of torch's pool, the top-p / top-k set bounded by a histogram of the
+logits instead of a ``topk``. At 32 rows x 49k tokens with T = 0.7, top-p 0.95 it takes 1.8 ms against
+the torch path's 7 ms, and 2.6 against 16.8 ms per decode step of SmolLM2, where real nuclei often
+outgrow the first 64 candidates (benches/bench_sampler.py --sampler-only). Switch: ``backend=`` per
+call or ``SPICE_FAST_SAMPLER=auto|cpp|torch``. A row without a finite logit or with a NaN (a diverged
+model) draws token 0 with a NaN logprob on both paths, never an exception. Tests:
+tests/test_sampling.py.
+
 The returned logprob is ``log_softmax(logits / T)`` over the full vocabulary at the chosen token
 (not renormalised by top-k / top-p), the quantity the trainer recomputes. Greedy rows (T = 0) report
 ``log_softmax(logits)``.
@@ -17,6 +27,8 @@ The returned logprob is ``log_softmax(logits / T)`` over the full vocabulary at 
 from __future__ import annotations
 
 import torch
+
+from spice_fast.kernels._utils import cpu_ops, pick_cpp_backend, plain_cpu_float32
 
 _M64 = 0xFFFFFFFFFFFFFFFF
 
@@ -45,13 +57,54 @@ def sample_tokens(
     top_ps: list[float],
     top_ks: list[int],
     keys: list[int],
+    backend: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # tokens [B] int64, logprobs [B] float32
+    """One token per row and its logprob; ``backend``: ``"cpp"``, ``"torch"`` or ``None`` (the
+    ``SPICE_FAST_SAMPLER`` variable, default ``auto``: the C++ kernel for float32 CPU logits when built)."""
+    choice = pick_cpp_backend(backend, "SPICE_FAST_SAMPLER")
+    if choice == "cpp" and logits.dim() == 2 and plain_cpu_float32(logits) and logits.numel() > 0:
+        return _sample_tokens_cpp(logits, temperatures, top_ps, top_ks, keys)
+    return sample_tokens_ref(logits, temperatures, top_ps, top_ks, keys)
+
+
+def _sample_tokens_cpp(
+    logits: torch.Tensor, temperatures: list[float], top_ps: list[float], top_ks: list[int], keys: list[int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    rows, vocab = logits.shape
+    stride = logits.stride(0)  # 0: one row expanded to all
+    x = logits if logits.stride(1) == 1 and (stride >= vocab or stride == 0) else logits.contiguous()
+    temps = torch.tensor(temperatures, dtype=torch.float32)
+    ps = torch.tensor(top_ps, dtype=torch.float32)
+    ks = torch.tensor(top_ks, dtype=torch.int64)
+    us = torch.tensor([key_uniform(k) for k in keys], dtype=torch.float32)
+    tokens = torch.empty(rows, dtype=torch.int64)
+    logprobs = torch.empty(rows, dtype=torch.float32)
+    cpu_ops().sample_rows(
+        x.data_ptr(), x.stride(0), rows, vocab, temps.data_ptr(), ps.data_ptr(), ks.data_ptr(), us.data_ptr(),
+        tokens.data_ptr(), logprobs.data_ptr(), torch.get_num_threads(),
+    )  # fmt: skip
+    return tokens, logprobs
+
+
+def sample_tokens_ref(
+    logits: torch.Tensor,  # [B, V] float32
+    temperatures: list[float],
+    top_ps: list[float],
+    top_ks: list[int],
+    keys: list[int],
+) -> tuple[torch.Tensor, torch.Tensor]:  # tokens [B] int64, logprobs [B] float32
+    """The torch path, on any device: the definition of correct for the C++ kernel."""
     device = logits.device
     scaled = logits.float()
     if any(t not in (0.0, 1.0) for t in temperatures):
         temps = torch.tensor([t if t > 0 else 1.0 for t in temperatures], dtype=torch.float32, device=device)
         scaled = scaled / temps[:, None]
     lse = torch.logsumexp(scaled, dim=-1, keepdim=True)  # [B, 1]
+    bad = ~torch.isfinite(lse)  # a NaN logit or no finite one (garbage from a diverged model)
+    if bool(bad.any()):
+        # drawn from zeros (any valid token), then reported as token 0 with a NaN logprob
+        scaled, lse = scaled.masked_fill(bad, 0.0), lse.masked_fill(bad, 0.0)
+        logits = logits.masked_fill(bad, 0.0)
     greedy = [t == 0 for t in temperatures]
     if all(greedy):
         tokens = logits.argmax(dim=-1)
@@ -71,7 +124,11 @@ def sample_tokens(
             tokens[rows] = _sample_filtered(scaled[rows], lse[rows], ks, ps, u[rows])
         if any(greedy):
             tokens = torch.where(torch.tensor(greedy, device=device), logits.argmax(dim=-1), tokens)
-    return tokens, (scaled.gather(1, tokens[:, None]) - lse).squeeze(1)
+    logprobs = (scaled.gather(1, tokens[:, None]) - lse).squeeze(1)
+    if bool(bad.any()):
+        bad = bad.squeeze(1)
+        tokens, logprobs = tokens.masked_fill(bad, 0), logprobs.masked_fill(bad, float("nan"))
+    return tokens, logprobs
 
 
 _CHUNK = 1024  # vocabulary columns per chunk of the two-level inverse-CDF search
