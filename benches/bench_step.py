@@ -14,9 +14,12 @@ matching, rewards, advantages, one Dr. GRPO policy update with AdamW.
   (the trainer's default, free) or recomputed with ``--old-logprobs recompute``.
 - common (what TRL's GRPOTrainer does on a CPU): transformers ``generate(do_sample=True,
   num_return_sequences=...)`` on left-padded batches, each challenger prompt repeated per sample;
-  math-verify ``parse``/``verify`` as in TRL's accuracy reward; old logprobs by a no-grad padded
-  forward with the completion logits materialised (``log_softmax(logits).gather``); the loss by a
-  padded forward with grad, logits for the completion positions, ``log_softmax`` + gather,
+  math-verify ``parse``/``verify`` as in TRL's accuracy reward; old logprobs as TRL takes them: with
+  one update per generation (TRL's default), the current logprobs detached, no extra pass, which is the
+  work of spice_fast's default (``--old-logprobs sampler``: the sampler's, free); with ``--old-logprobs
+  recompute`` both sides run a no-grad pass (here a padded forward with the completion logits
+  materialised, ``log_softmax(logits).gather``, as TRL's ``_get_per_token_logps_and_entropies``); the
+  loss by a padded forward with grad, logits for the completion positions, ``log_softmax`` + gather,
   ``policy_loss_ref`` (the same clipped Dr. GRPO loss in plain torch), backward, gradient clipping
   and ``torch.optim.AdamW``. Micro-batches hold as many padded rows as fit the same token budget
   (``loss.micro_batch_tokens``).
@@ -353,16 +356,19 @@ def common_iteration(hf, optimizer, tokenizer, documents, config, step, stop_ids
             batches.append((out[i : i + per_batch], mask[i : i + per_batch], num_new, adv[i : i + per_batch]))
     num_sequences = sum(b[0].shape[0] for b in batches)
 
-    t0 = time.perf_counter()
-    with torch.no_grad():
-        old = [completion_logprobs(hf, ids, mask, n, r.temperature) for ids, mask, n, _ in batches]
-    sync(hf.device)
-    t["old_logprobs"] = time.perf_counter() - t0
+    old = [None] * len(batches)  # TRL's default: the current logprobs, detached (ratio 1)
+    if loss_cfg.old_logprobs == "recompute":
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            old = [completion_logprobs(hf, ids, mask, n, r.temperature) for ids, mask, n, _ in batches]
+        sync(hf.device)
+        t["old_logprobs"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     optimizer.zero_grad(set_to_none=True)
     for (ids, mask, num_new, adv), old_lp in zip(batches, old, strict=True):
         lp = completion_logprobs(hf, ids, mask, num_new, r.temperature)
+        old_lp = lp.detach() if old_lp is None else old_lp
         loss, _ = policy_loss_ref(
             lp, old_lp, adv, torch.ones_like(lp), clip_low=loss_cfg.clip_low, clip_high=loss_cfg.clip_high,
             agg="drgrpo", max_new_tokens=config.loss_max_new_tokens,
@@ -488,7 +494,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-doc-tokens", type=int, default=120)
     parser.add_argument("--reasoner-questions", choices=("one", "all"), default="one")
     parser.add_argument("--old-logprobs", choices=("sampler", "recompute"), default="sampler",
-                        help="spice_fast's old logprobs (the common way always recomputes them)")  # fmt: skip
+                        help="old logprobs: the sampler's (the common way: TRL's default, the current ones "
+                             "detached) or a recompute pass on both sides")  # fmt: skip
     parser.add_argument("--repeats", type=int, default=3, help="timed iterations per side (median)")
     parser.add_argument("--warmup", type=int, default=1, help="short iterations per side first (4 tokens)")
     parser.add_argument("--device", default="cpu")

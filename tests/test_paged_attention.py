@@ -115,7 +115,8 @@ def test_cpu_kernel_is_built():
     assert cpu_kernel_available()
 
 
-@pytest.mark.parametrize("group", [1, 4, 7])
+# group: query heads per KV head, summed over values up to 8 heads at a time (10: a group of 8 and 2)
+@pytest.mark.parametrize("group", [1, 3, 4, 7, 10])
 @pytest.mark.parametrize("block_size", [16, 5, 40])  # 40: two runs of 16 positions and 8 more
 @pytest.mark.parametrize("threads", [1, 3])
 @pytest.mark.parametrize("head_dim", [24, 64])  # 64: scores 16 positions at a time
@@ -133,6 +134,32 @@ def test_cpu_kernel_matches_reference_fp32(group, block_size, threads, head_dim)
     finally:
         torch.set_num_threads(before)
     assert got.dtype == torch.float32
+    exact = reference(q.double(), k.double(), v.double(), tables, ctx, scale)
+    assert_error_rule(got, reference(q, k, v, tables, ctx, scale), exact, tiny=1e-6)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_cpu_kernel_sequences_sharing_leading_blocks(threads):
+    """Samples of one prompt read its blocks from the same pool entries: the kernel runs those pages once
+    for the group (groups split to spread over the threads). Groups of 4 sharing 3 full pages, one of
+    them shorter than the shared part, a pair sharing 1 page then diverging, a sequence whose last
+    shared-looking block is only partly in its context, and sequences sharing nothing."""
+    block = 16
+    lens = [70, 61, 49, 40, 33, 20, 47, 40, 5, 90]
+    q, k, v, tables, ctx = make_case(
+        lens, num_kv_heads=3, group=3, head_dim=64, block_size=block, dtype=torch.float32, seed=5
+    )
+    q, k, v, tables, ctx = (t.cpu() for t in (q, k, v, tables, ctx))
+    tables[1:4, :3] = tables[0, :3]  # 61 and 49 tokens: 3 full pages shared; 40: only 2 are full
+    tables[5, :2] = tables[4, :2]  # 20 tokens: page 1 is partial in sequence 5
+    tables[6:8, :1] = tables[4, :1]  # 47 and 40 tokens: share page 0 with 4 and 5 (not adjacent to 4)
+    scale = 64**-0.5
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = paged_decode_attention_cpu(q, k, v, tables, ctx, scale)
+    finally:
+        torch.set_num_threads(before)
     exact = reference(q.double(), k.double(), v.double(), tables, ctx, scale)
     assert_error_rule(got, reference(q, k, v, tables, ctx, scale), exact, tiny=1e-6)
 

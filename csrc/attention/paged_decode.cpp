@@ -63,99 +63,188 @@ SPICE_INLINE f32x16 dot16(const float* q, const T* k, int64_t stride, int n) {
     return reduce16(acc);
 }
 
-// y += a * x
-template <typename T>
-SPICE_INLINE void axpy(float a, const T* x, float* y, int n) {
-    int d = 0;
-    for (; d + kLanes <= n; d += kLanes) store16(y + d, load16(y + d) + a * load16(x + d));
-    for (; d < n; ++d) y[d] += a * to_float(x[d]);
+// acc[h] = acc[h] * rescale[h] + sum_t p[h][t] v[t] for the G query heads of one KV head, over one
+// block's n positions, kLanes values of the head at a time: the G accumulators stay in registers
+// while the block's value rows stream past once (G a compile-time count so they can).
+template <int G, typename T>
+SPICE_INLINE void weighted_sum(const float* p, int64_t p_stride, const T* v, int64_t row_stride, int64_t n,
+                               const float* rescale, float* acc, int dim) {
+    int c = 0;
+    for (; c + kLanes <= dim; c += kLanes) {
+        f32x16 a[G];
+        for (int j = 0; j < G; ++j) a[j] = load16(acc + j * dim + c) * rescale[j];
+        for (int64_t t = 0; t < n; ++t) {
+            const f32x16 x = load16(v + t * row_stride + c);
+            for (int j = 0; j < G; ++j) a[j] += p[j * p_stride + t] * x;
+        }
+        for (int j = 0; j < G; ++j) store16(acc + j * dim + c, a[j]);
+    }
+    for (; c < dim; ++c)
+        for (int j = 0; j < G; ++j) {
+            float y = acc[j * dim + c] * rescale[j];
+            for (int64_t t = 0; t < n; ++t) y += p[j * p_stride + t] * to_float(v[t * row_stride + c]);
+            acc[j * dim + c] = y;
+        }
 }
 
-// Per-thread scratch: every query head's scaled query, accumulator, running max and sum, and one
-// block of scores.
+// weighted_sum over `count` heads: groups of up to 8 at a time.
+template <typename T>
+SPICE_INLINE void weighted_sum_heads(int count, const float* p, int64_t p_stride, const T* v, int64_t row_stride,
+                                     int64_t n, const float* rescale, float* acc, int dim) {
+    for (int h = 0; h < count;) {
+        const int g = std::min(count - h, 8);
+        const float* ph = p + h * p_stride;
+        float* ah = acc + h * dim;
+        switch (g) {
+            case 1: weighted_sum<1>(ph, p_stride, v, row_stride, n, rescale + h, ah, dim); break;
+            case 2: weighted_sum<2>(ph, p_stride, v, row_stride, n, rescale + h, ah, dim); break;
+            case 3: weighted_sum<3>(ph, p_stride, v, row_stride, n, rescale + h, ah, dim); break;
+            case 4: weighted_sum<4>(ph, p_stride, v, row_stride, n, rescale + h, ah, dim); break;
+            case 5: weighted_sum<5>(ph, p_stride, v, row_stride, n, rescale + h, ah, dim); break;
+            case 6: weighted_sum<6>(ph, p_stride, v, row_stride, n, rescale + h, ah, dim); break;
+            case 7: weighted_sum<7>(ph, p_stride, v, row_stride, n, rescale + h, ah, dim); break;
+            default: weighted_sum<8>(ph, p_stride, v, row_stride, n, rescale + h, ah, dim); break;
+        }
+        h += g;
+    }
+}
+
+// Per-thread scratch for up to max_group sequences: each one's scaled query, accumulator, running max
+// and sum, the rescale of its last block, and one block of scores.
 struct Scratch {
-    std::vector<float> q, acc, scores, run_max, run_sum;
-    explicit Scratch(const DecodeArgs& a)
-        : q(a.num_heads * a.head_dim),
+    std::vector<float> q, acc, scores, run_max, run_sum, rescale;
+    Scratch(const DecodeArgs& a, int64_t max_group)
+        : q(max_group * a.num_heads * a.head_dim),
           acc(q.size()),
-          scores(a.num_heads * a.block_size),
-          run_max(a.num_heads),
-          run_sum(a.num_heads) {}
+          scores(max_group * a.num_heads * a.block_size),
+          run_max(max_group * a.num_heads),
+          run_sum(run_max.size()),
+          rescale(run_max.size()) {}
 };
 
-// One sequence: all its query heads (a KV head's group together), online softmax over its blocks,
-// read in order so each block's rows stream contiguously.
+// Sequences [begin, end) that read their first `shared` pages from the same blocks (a prompt's samples).
+struct Group {
+    int64_t begin, end, shared;
+};
+
+// The online-softmax state of the i-th sequence of a group, in the scratch.
+struct SeqState {
+    float *q, *acc, *scores, *run_max, *run_sum, *rescale;
+};
+
+SPICE_INLINE SeqState state_of(const DecodeArgs& a, Scratch& w, int64_t i) {
+    const int64_t heads = a.num_heads, hd = a.num_heads * a.head_dim;
+    return {w.q.data() + i * hd,           w.acc.data() + i * hd,     w.scores.data() + i * heads * a.block_size,
+            w.run_max.data() + i * heads, w.run_sum.data() + i * heads, w.rescale.data() + i * heads};
+}
+
+// One block of n positions for one sequence's query heads (a KV head's group together): scores, the
+// online-softmax update, and the weighted sum of the values.
 template <typename T>
-SPICE_INLINE void attend_seq(const DecodeArgs& a, Scratch& w, int64_t seq) {
+SPICE_INLINE void attend_block(const DecodeArgs& a, const SeqState& st, const T* k_block, const T* v_block,
+                               int64_t n) {
     const int heads = static_cast<int>(a.num_heads);
     const int kv_heads = static_cast<int>(a.num_kv_heads);
     const int group = heads / kv_heads;
     const int dim = static_cast<int>(a.head_dim);
-    const int64_t len = a.context_lens[seq];
     const int64_t row_stride = a.num_kv_heads * a.head_dim;  // between positions in a block
-    const int64_t block_stride = a.block_size * row_stride;  // between blocks
+    // Scores of the block's positions for every query head: 16 positions at a time where the head
+    // width allows (one transposing reduction for the 16), the rest one by one.
+    int64_t t0 = 0;
+    if (dim % kLanes == 0)
+        for (; t0 + kLanes <= n; t0 += kLanes)
+            for (int h = 0; h < heads; ++h)
+                store16(st.scores + h * a.block_size + t0,
+                        dot16(st.q + h * dim, k_block + t0 * row_stride + (h / group) * dim, row_stride, dim));
+    for (int64_t t = t0; t < n; ++t)
+        for (int h = 0; h < heads; ++h)
+            st.scores[h * a.block_size + t] = dot(st.q + h * dim, k_block + t * row_stride + (h / group) * dim, dim);
+    // Online softmax: what is accumulated is rescaled when the running max grows (by weighted_sum), then
+    // the block's weights are added.
+    for (int h = 0; h < heads; ++h) {
+        float* sc = st.scores + h * a.block_size;
+        float block_max = sc[0];
+        for (int64_t t = 1; t < n; ++t) block_max = std::max(block_max, sc[t]);
+        const float new_max = std::max(st.run_max[h], block_max);
+        st.rescale[h] = std::exp(st.run_max[h] - new_max);  // 0 on the first block
+        exp_shifted(sc, n, new_max);
+        float sum = 0.f;
+        for (int64_t t = 0; t < n; ++t) sum += sc[t];
+        st.run_sum[h] = st.run_sum[h] * st.rescale[h] + sum;
+        st.run_max[h] = new_max;
+    }
+    for (int g = 0; g < kv_heads; ++g)
+        weighted_sum_heads(group, st.scores + g * group * a.block_size, a.block_size, v_block + g * dim, row_stride,
+                           n, st.rescale + g * group, st.acc + g * group * dim, dim);
+}
+
+// A group of sequences: the shared pages block by block for all of them, so each shared block comes
+// from memory once and from cache for the other sequences; then each one's own pages.
+template <typename T>
+SPICE_INLINE void attend_group(const DecodeArgs& a, Scratch& w, const Group& grp) {
+    const int64_t hd = a.num_heads * a.head_dim;
+    const int64_t block_stride = a.block_size * a.num_kv_heads * a.head_dim;  // between blocks
     const T* k_cache = static_cast<const T*>(a.k_cache);
     const T* v_cache = static_cast<const T*>(a.v_cache);
-    const T* q_src = static_cast<const T*>(a.q) + seq * heads * dim;
-    for (int i = 0; i < heads * dim; ++i) w.q[i] = to_float(q_src[i]) * a.scale;
-    std::fill(w.acc.begin(), w.acc.end(), 0.f);
-    std::fill(w.run_max.begin(), w.run_max.end(), -std::numeric_limits<float>::infinity());
-    std::fill(w.run_sum.begin(), w.run_sum.end(), 0.f);
-    const int32_t* table = a.block_tables + seq * a.table_stride;
-    const int64_t num_pages = (len + a.block_size - 1) / a.block_size;
-    for (int64_t page = 0; page < num_pages; ++page) {
-        const int64_t n = std::min<int64_t>(a.block_size, len - page * a.block_size);
-        const T* k_block = k_cache + table[page] * block_stride;
-        const T* v_block = v_cache + table[page] * block_stride;
-        // Scores of the block's positions for every query head: 16 positions at a time where the head
-        // width allows (one transposing reduction for the 16), the rest one by one.
-        int64_t t0 = 0;
-        if (dim % kLanes == 0)
-            for (; t0 + kLanes <= n; t0 += kLanes)
-                for (int h = 0; h < heads; ++h)
-                    store16(w.scores.data() + h * a.block_size + t0,
-                            dot16(w.q.data() + h * dim, k_block + t0 * row_stride + (h / group) * dim, row_stride, dim));
-        for (int64_t t = t0; t < n; ++t)
-            for (int h = 0; h < heads; ++h)
-                w.scores[h * a.block_size + t] =
-                    dot(w.q.data() + h * dim, k_block + t * row_stride + (h / group) * dim, dim);
-        // Online softmax: rescale what is accumulated when the running max grows, then weights.
-        for (int h = 0; h < heads; ++h) {
-            float* s = w.scores.data() + h * a.block_size;
-            float block_max = s[0];
-            for (int64_t t = 1; t < n; ++t) block_max = std::max(block_max, s[t]);
-            const float new_max = std::max(w.run_max[h], block_max);
-            const float rescale = std::exp(w.run_max[h] - new_max);  // 0 on the first block
-            float* acc = w.acc.data() + h * dim;
-            if (rescale != 1.f)
-                for (int d = 0; d < dim; ++d) acc[d] *= rescale;
-            exp_shifted(s, n, new_max);
-            float sum = 0.f;
-            for (int64_t t = 0; t < n; ++t) sum += s[t];
-            w.run_sum[h] = w.run_sum[h] * rescale + sum;
-            w.run_max[h] = new_max;
+    for (int64_t seq = grp.begin; seq < grp.end; ++seq) {
+        const SeqState st = state_of(a, w, seq - grp.begin);
+        const T* q_src = static_cast<const T*>(a.q) + seq * hd;
+        for (int64_t i = 0; i < hd; ++i) st.q[i] = to_float(q_src[i]) * a.scale;
+        std::fill(st.acc, st.acc + hd, 0.f);
+        std::fill(st.run_max, st.run_max + a.num_heads, -std::numeric_limits<float>::infinity());
+        std::fill(st.run_sum, st.run_sum + a.num_heads, 0.f);
+    }
+    const int32_t* first_table = a.block_tables + grp.begin * a.table_stride;
+    for (int64_t page = 0; page < grp.shared; ++page)  // full pages: n = block_size
+        for (int64_t seq = grp.begin; seq < grp.end; ++seq)
+            attend_block(a, state_of(a, w, seq - grp.begin), k_cache + first_table[page] * block_stride,
+                         v_cache + first_table[page] * block_stride, a.block_size);
+    for (int64_t seq = grp.begin; seq < grp.end; ++seq) {
+        const SeqState st = state_of(a, w, seq - grp.begin);
+        const int64_t len = a.context_lens[seq];
+        const int32_t* table = a.block_tables + seq * a.table_stride;
+        for (int64_t page = grp.shared; page * a.block_size < len; ++page)
+            attend_block(a, st, k_cache + table[page] * block_stride, v_cache + table[page] * block_stride,
+                         std::min<int64_t>(a.block_size, len - page * a.block_size));
+        float* dst = a.out + seq * hd;
+        const int dim = static_cast<int>(a.head_dim);
+        for (int h = 0; h < a.num_heads; ++h) {
+            const float inv = st.run_sum[h] > 0.f ? 1.f / st.run_sum[h] : 0.f;
+            for (int d = 0; d < dim; ++d) dst[h * dim + d] = st.acc[h * dim + d] * inv;
         }
-        for (int64_t t = 0; t < n; ++t)
-            for (int h = 0; h < heads; ++h)
-                axpy(w.scores[h * a.block_size + t], v_block + t * row_stride + (h / group) * dim,
-                     w.acc.data() + h * dim, dim);
-    }
-    float* dst = a.out + seq * heads * dim;
-    for (int h = 0; h < heads; ++h) {
-        const float inv = w.run_sum[h] > 0.f ? 1.f / w.run_sum[h] : 0.f;
-        for (int d = 0; d < dim; ++d) dst[h * dim + d] = w.acc[h * dim + d] * inv;
     }
 }
 
-SPICE_CLONES void run_tasks_f32(const DecodeArgs* a, Scratch* w, int64_t begin, int64_t end) {
-    for (int64_t seq = begin; seq < end; ++seq) attend_seq<float>(*a, *w, seq);
+SPICE_CLONES void run_group_f32(const DecodeArgs* a, Scratch* w, const Group* g) { attend_group<float>(*a, *w, *g); }
+
+SPICE_CLONES void run_group_bf16(const DecodeArgs* a, Scratch* w, const Group* g) {
+    attend_group<uint16_t>(*a, *w, *g);
 }
 
-SPICE_CLONES void run_tasks_bf16(const DecodeArgs* a, Scratch* w, int64_t begin, int64_t end) {
-    for (int64_t seq = begin; seq < end; ++seq) attend_seq<uint16_t>(*a, *w, seq);
+// Consecutive sequences whose tables start with the same block share their common full leading pages
+// (blocks are shared by reference, so one id means one content); groups hold at most max_group.
+std::vector<Group> find_groups(const DecodeArgs& a, int64_t max_group) {
+    std::vector<Group> groups;
+    auto full_pages = [&](int64_t s) { return a.context_lens[s] / a.block_size; };
+    for (int64_t s = 0; s < a.num_seqs;) {
+        const int32_t* first = a.block_tables + s * a.table_stride;
+        int64_t shared = full_pages(s), e = s + 1;
+        for (; e < a.num_seqs && e - s < max_group && shared > 0; ++e) {
+            const int32_t* table = a.block_tables + e * a.table_stride;
+            int64_t common = 0;
+            const int64_t limit = std::min(shared, full_pages(e));
+            while (common < limit && table[common] == first[common]) ++common;
+            if (common == 0) break;
+            shared = common;
+        }
+        groups.push_back({s, e, e - s > 1 ? shared : 0});
+        s = e;
+    }
+    return groups;
 }
 
 constexpr int64_t kMinWorkPerThread = int64_t(1) << 18;
+constexpr int64_t kMaxGroup = 64;  // sequences sharing blocks processed together (bounds the scratch)
 
 }  // namespace
 
@@ -178,21 +267,22 @@ void paged_decode(const DecodeArgs& a, DType dtype, int num_threads) {
                                             std::to_string(a.num_blocks) + " blocks");
         }
     }
-    auto run = dtype == DType::kFloat32 ? run_tasks_f32 : run_tasks_bf16;
-    const int64_t tasks = a.num_seqs;
+    auto run = dtype == DType::kFloat32 ? run_group_f32 : run_group_bf16;
     int64_t work = 0;  // multiply-adds of the scores and the weighted sum
     for (int64_t s = 0; s < a.num_seqs; ++s) work += 2 * a.context_lens[s] * a.num_heads * a.head_dim;
     // The threads are torch's OpenMP workers (csrc/parallel.h), so a parallel call costs microseconds;
     // below kMinWorkPerThread multiply-adds per thread one thread still finishes sooner.
     const int64_t by_work = std::max<int64_t>(1, work / kMinWorkPerThread);
-    const int64_t threads = std::max<int64_t>(1, std::min<int64_t>({int64_t(num_threads), tasks, by_work}));
-    // Tasks are handed out in small chunks, so sequences of different lengths balance across threads.
+    const int64_t threads = std::max<int64_t>(1, std::min<int64_t>({int64_t(num_threads), a.num_seqs, by_work}));
+    // Groups of at most an even share of the sequences per thread, so that one prompt's samples still
+    // spread over all threads; handed out one at a time, so groups of different lengths balance.
+    const int64_t max_group = std::max<int64_t>(1, std::min<int64_t>(kMaxGroup, (a.num_seqs + threads - 1) / threads));
+    const std::vector<Group> groups = find_groups(a, max_group);
     std::atomic<int64_t> next{0};
-    const int64_t chunk = std::max<int64_t>(1, tasks / (threads * 4));
-    spice_parallel::run_on_threads(threads, [&](int64_t) {
-        Scratch w(a);
-        for (int64_t begin = next.fetch_add(chunk); begin < tasks; begin = next.fetch_add(chunk))
-            run(&a, &w, begin, std::min(tasks, begin + chunk));
+    const int64_t num_groups = static_cast<int64_t>(groups.size());
+    spice_parallel::run_on_threads(std::min(threads, num_groups), [&](int64_t) {
+        Scratch w(a, max_group);
+        for (int64_t g = next.fetch_add(1); g < num_groups; g = next.fetch_add(1)) run(&a, &w, &groups[g]);
     });
 }
 
