@@ -16,7 +16,8 @@ ParallelCompile("SPICE_FAST_BUILD_JOBS", default=0).install()
 EXTENSIONS: list[tuple[str, list[str], bool]] = [  # (name, sources, uses OpenMP)
     ("spice_fast._matcher", glob("csrc/matcher/*.cpp") + ["csrc/bindings.cpp"], False),
     ("spice_fast._cpu_attention", glob("csrc/attention/*.cpp"), True),
-    ("spice_fast._cpu_ops", glob("csrc/ops/*.cpp"), True),
+    # decode_layers runs the paged attention kernel too, so it is compiled into both modules
+    ("spice_fast._cpu_ops", glob("csrc/ops/*.cpp") + ["csrc/attention/paged_decode.cpp"], True),
 ]
 
 

@@ -258,3 +258,33 @@ def test_prefix_tree_batch_equals_each_path_run_alone():
         AttentionBatch.shared_prefix([(3, [(2, "x")])], "cpu")
     with pytest.raises(ValueError, match="no tokens"):
         AttentionBatch.shared_prefix([(0, [0, (0, [])])], "cpu")
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_cpu_decode_step_in_one_call_equals_python_layers(arch, monkeypatch):
+    """The engine's CPU decode steps through decode_layers_cpu (all layers in one C++ call) draw the
+    tokens of the Python layers (SPICE_FAST_CPU_DECODE=torch) with their logprobs; the call really ran."""
+    import spice_fast.model.transformer as transformer
+    from spice_fast.engine import Engine, SamplingParams
+    from spice_fast.kernels.linear import small_gemm_available
+
+    if not small_gemm_available():
+        pytest.skip("the one-call decode step needs the C++ small-row GEMM (AVX-512)")
+    model = ours_from_hf(hf_model(arch, tied=arch == "qwen2"))
+    calls = []
+    real = transformer.decode_layers_cpu
+    monkeypatch.setattr(transformer, "decode_layers_cpu", lambda *a: calls.append(1) or real(*a))
+    prompts = [
+        torch.randint(3, VOCAB, (n,), generator=torch.Generator().manual_seed(n)).tolist()
+        for n in (5, 23, 40)
+    ]
+    params = SamplingParams(n=3, temperature=0.9, max_tokens=24, seed=7, ignore_eos=True)
+    outs = {}
+    for mode in ("torch", "auto"):
+        monkeypatch.setenv("SPICE_FAST_CPU_DECODE", mode)
+        engine = Engine(model, max_num_seqs=16, max_model_len=128, block_size=16)
+        outs[mode] = [c for out in engine.generate(prompts, params) for c in out.outputs]
+        assert bool(calls) == (mode == "auto")
+    for ref, fast in zip(outs["torch"], outs["auto"], strict=True):
+        assert fast.token_ids == ref.token_ids
+        assert_close(torch.tensor(fast.logprobs), torch.tensor(ref.logprobs), atol=2e-5)

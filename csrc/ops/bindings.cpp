@@ -1,11 +1,14 @@
 // pybind11 module spice_fast._cpu_ops: CPU kernels of the model's layers (rms_norm.h, rope.h, small_gemm.h, swiglu.h)
-// and of the engine's token sampling (sampling.h).
+// and of the engine's token sampling (sampling.h); decode_layers.h runs a decode step's layers in one call.
 // Tensors arrive as data pointers with their sizes; spice_fast.kernels.rms_norm, .rope and .swiglu check
 // devices, dtypes, shapes and contiguity before calling.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <cstdint>
+#include <vector>
 
+#include "ops/decode_layers.h"
 #include "ops/rms_norm.h"
 #include "ops/rope.h"
 #include "ops/sampling.h"
@@ -101,4 +104,40 @@ PYBIND11_MODULE(_cpu_ops, m) {
         },
         py::arg("logits"), py::arg("ld"), py::arg("rows"), py::arg("vocab"), py::arg("temps"), py::arg("top_ps"),
         py::arg("top_ks"), py::arg("us"), py::arg("tokens"), py::arg("logprobs"), py::arg("num_threads"));
+    m.def(
+        "decode_layers",
+        [](uintptr_t x, const std::vector<uintptr_t>& layers, int64_t rows, int64_t hidden, int64_t heads,
+           int64_t kv_heads, int64_t head_dim, int64_t intermediate, double eps, double scale, uintptr_t cos,
+           uintptr_t sin, uintptr_t slots, uintptr_t block_tables, uintptr_t context_lens, int64_t table_stride,
+           int64_t max_blocks, int64_t num_blocks, int64_t block_size, int num_threads) {
+            if (rows < 0 || hidden <= 0 || heads <= 0 || kv_heads <= 0 || head_dim <= 0 || head_dim % 2 ||
+                intermediate <= 0 || num_blocks <= 0 || block_size <= 0 || max_blocks < 0 || table_stride < max_blocks)
+                throw py::value_error("decode_layers: sizes must be positive (head_dim even, table_stride >= max_blocks)");
+            std::vector<const float*> ptrs;
+            ptrs.reserve(layers.size());
+            for (uintptr_t p : layers) ptrs.push_back(reinterpret_cast<const float*>(p));
+            for (size_t i = 0; i < ptrs.size(); ++i) {
+                const int slot = static_cast<int>(i % spice_ops::kNumLayerTensors);
+                const bool optional = slot == spice_ops::kQBias || slot == spice_ops::kKBias ||
+                                      slot == spice_ops::kVBias || slot == spice_ops::kOBias ||
+                                      slot == spice_ops::kQNorm || slot == spice_ops::kKNorm ||
+                                      slot == spice_ops::kGateBias || slot == spice_ops::kUpBias ||
+                                      slot == spice_ops::kDownBias;
+                if (ptrs[i] == nullptr && !optional)
+                    throw py::value_error("decode_layers: tensor " + std::to_string(slot) + " of layer " +
+                                          std::to_string(i / spice_ops::kNumLayerTensors) + " is missing");
+            }
+            const spice_ops::DecodeStep step{rows, hidden, heads, kv_heads, head_dim, intermediate,
+                                             static_cast<float>(eps), static_cast<float>(scale), in(cos), in(sin),
+                                             reinterpret_cast<const int64_t*>(slots),
+                                             reinterpret_cast<const int32_t*>(block_tables),
+                                             reinterpret_cast<const int32_t*>(context_lens), table_stride,
+                                             max_blocks, num_blocks, block_size};
+            py::gil_scoped_release release;
+            spice_ops::decode_layers(out(x), ptrs, step, num_threads);
+        },
+        py::arg("x"), py::arg("layers"), py::arg("rows"), py::arg("hidden"), py::arg("heads"), py::arg("kv_heads"),
+        py::arg("head_dim"), py::arg("intermediate"), py::arg("eps"), py::arg("scale"), py::arg("cos"),
+        py::arg("sin"), py::arg("slots"), py::arg("block_tables"), py::arg("context_lens"), py::arg("table_stride"),
+        py::arg("max_blocks"), py::arg("num_blocks"), py::arg("block_size"), py::arg("num_threads"));
 }

@@ -19,6 +19,7 @@ from torch.utils.checkpoint import checkpoint
 from spice_fast.kernels.linear import linear
 from spice_fast.model.attention import Attention, AttentionBatch, PagedKVCache
 from spice_fast.model.config import ModelConfig
+from spice_fast.model.cpu_decode import decode_layers_cpu, decode_step_applies
 from spice_fast.model.layers import MLP, Linear, RMSNorm, RotaryEmbedding
 
 
@@ -93,6 +94,10 @@ class CausalLM(nn.Module):
             raise ValueError(f"forward_hidden takes flat [N] token ids, got shape {tuple(input_ids.shape)}")
         x = self.model.embed_tokens(input_ids)
         cos, sin = self.model.rotary.cos_sin(batch.positions)
+        if decode_step_applies(x, batch, kv_cache):  # a CPU decode step: all layers in one C++ call
+            out = decode_layers_cpu(self, x, cos, sin, batch, kv_cache)
+            if out is not None:
+                return self.model.norm(out)
         recompute = self.gradient_checkpointing and torch.is_grad_enabled() and kv_cache is None
         for layer in self.model.layers:
             if recompute:
