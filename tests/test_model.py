@@ -264,9 +264,10 @@ def test_prefix_tree_batch_equals_each_path_run_alone():
 def test_cpu_decode_step_in_one_call_equals_python_layers(arch, monkeypatch):
     """The engine's CPU decode steps through decode_layers_cpu (all layers in one C++ call) draw the
     tokens of the Python layers (SPICE_FAST_CPU_DECODE=torch) with their logprobs; the call really ran."""
+    from spice_fast.kernels.linear import small_gemm_available
+
     import spice_fast.model.transformer as transformer
     from spice_fast.engine import Engine, SamplingParams
-    from spice_fast.kernels.linear import small_gemm_available
 
     if not small_gemm_available():
         pytest.skip("the one-call decode step needs the C++ small-row GEMM (AVX-512)")
