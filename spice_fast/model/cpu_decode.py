@@ -1,8 +1,8 @@
 """A decode step's decoder layers in one C++ call on the CPU (``csrc/ops/decode_layers.cpp``).
 
 The sampler's decode steps on a CPU run few rows (one per sequence) through 30 layers of small
-operations; on the 2-core development machine the Python and dispatch cost of those ~16 operations
-per layer was 7 ms of a 30-100 ms step. ``decode_layers_cpu`` runs every layer of the step in one call
+operations, whose Python and dispatch cost (~16 operations per layer) is paid again every step.
+``decode_layers_cpu`` runs every layer of the step in one call
 over the model's own parameter tensors and KV pool (nothing copied), with the same C++ kernels the
 Python layers call on these shapes (RMSNorm, the small-row GEMM, RoPE, paged decode attention); the
 one difference is SwiGLU, which the Python layers leave to torch below 2^20 elements and this path
@@ -12,7 +12,9 @@ It applies (``decode_step_applies``) to float32 CPU parameters and caches, at mo
 ``SMALL_GEMM_MAX_ROWS`` rows, outside autograd, when the extension is built and the small-row GEMM
 runs on this CPU; elsewhere the Python layers run. Switch: ``SPICE_FAST_CPU_DECODE=auto|cpp|torch``
 (``torch``: always the Python layers; ``SPICE_FAST_LINEAR=torch|onednn`` also turns it off, since it
-would bypass those choices). tests/test_model.py compares the two paths through the engine.
+would bypass those choices). tests/test_model.py compares the two paths through the engine;
+benches/bench_sampler.py times the engine against transformers (with this path, the C++ sampler and
+the grouped decode attention: 2.33x, from 1.90x before them).
 """
 
 from __future__ import annotations
