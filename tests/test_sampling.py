@@ -177,3 +177,11 @@ def test_cpp_sampler_wide_nucleus_and_ties():
     steps[:, 100:110] = 5.0  # ten tied leaders: top-3 keeps the three of lowest index
     t_fast, _ = sample_tokens(steps, [1.0] * rows, [1.0] * rows, [3] * rows, keys, backend="cpp")
     assert set(t_fast.tolist()) == {100, 101, 102}
+    # tokens exactly 2 and 4 units below the maximum, the edges of the candidate bands
+    edges = torch.full((rows, vocab), -30.0)
+    edges[:, 7] = 5.0
+    edges[:, [40, 41, 42]] = 3.0
+    edges[:, [50, 51]] = 1.0
+    for k, want in ((3, {7, 40, 41}), (5, {7, 40, 41, 42, 50})):
+        t_fast, _ = sample_tokens(edges, [1.0] * rows, [1.0] * rows, [k] * rows, keys, backend="cpp")
+        assert set(t_fast.tolist()) == want

@@ -131,11 +131,10 @@ SPICE_CLONES void reach_sums(const float* s, float m, const float* e, int64_t n,
 // Indices of the tokens less than `reach` below the maximum; whole vectors without one are skipped.
 SPICE_CLONES void collect_within(const float* s, float m, float reach, int64_t n,
                                  std::vector<std::pair<float, int64_t>>& out) {
-    const f32x16 floor_v = f32x16{} + (m - reach);
     int64_t i = 0;
     for (; i + kLanes <= n; i += kLanes) {
-        const f32x16 v = load16(s + i);
-        const i32x16 hit = v > floor_v;
+        // the distance computed as reach_sums computes it, so the two agree on every boundary token
+        const i32x16 hit = (m - load16(s + i)) < reach;
         bool any = false;
         for (int l = 0; l < kLanes; ++l) any |= hit[l] != 0;
         if (!any) continue;
