@@ -47,6 +47,20 @@ def reference(q, k, v, tables, lens, scale):
     return paged_decode_attention_ref(q, k, v, safe, lens, scale)
 
 
+def cpu_kernel_checked(q, k, v, tables, ctx, scale, threads):
+    """The C++ kernel's output on ``threads`` threads, checked against the fp64 reference by the error
+    rule (fp32 CPU tensors)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = paged_decode_attention_cpu(q, k, v, tables, ctx, scale)
+    finally:
+        torch.set_num_threads(before)
+    exact = reference(q.double(), k.double(), v.double(), tables, ctx, scale)
+    assert_error_rule(got, reference(q, k, v, tables, ctx, scale), exact, tiny=1e-6)
+    return got
+
+
 @needs_triton
 @pytest.mark.parametrize("group", [1, 4, 7])
 @pytest.mark.parametrize("num_splits", [1, 3])
@@ -127,15 +141,8 @@ def test_cpu_kernel_matches_reference_fp32(group, block_size, threads, head_dim)
     )
     q, k, v, tables, ctx = (t.cpu() for t in (q, k, v, tables, ctx))
     scale = head_dim**-0.5
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        got = paged_decode_attention_cpu(q, k, v, tables, ctx, scale)
-    finally:
-        torch.set_num_threads(before)
+    got = cpu_kernel_checked(q, k, v, tables, ctx, scale, threads)
     assert got.dtype == torch.float32
-    exact = reference(q.double(), k.double(), v.double(), tables, ctx, scale)
-    assert_error_rule(got, reference(q, k, v, tables, ctx, scale), exact, tiny=1e-6)
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
@@ -154,14 +161,7 @@ def test_cpu_kernel_sequences_sharing_leading_blocks(threads):
     tables[5, :2] = tables[4, :2]  # 20 tokens: page 1 is partial in sequence 5
     tables[6:8, :1] = tables[4, :1]  # 47 and 40 tokens: share page 0 with 4 and 5 (not adjacent to 4)
     scale = 64**-0.5
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        got = paged_decode_attention_cpu(q, k, v, tables, ctx, scale)
-    finally:
-        torch.set_num_threads(before)
-    exact = reference(q.double(), k.double(), v.double(), tables, ctx, scale)
-    assert_error_rule(got, reference(q, k, v, tables, ctx, scale), exact, tiny=1e-6)
+    cpu_kernel_checked(q, k, v, tables, ctx, scale, threads)
 
 
 def test_cpu_kernel_threads_on_long_contexts():
@@ -172,14 +172,7 @@ def test_cpu_kernel_threads_on_long_contexts():
     )
     q, k, v, tables, ctx = (t.cpu() for t in (q, k, v, tables, ctx))
     scale = 24**-0.5
-    before = torch.get_num_threads()
-    torch.set_num_threads(3)
-    try:
-        got = paged_decode_attention_cpu(q, k, v, tables, ctx, scale)
-    finally:
-        torch.set_num_threads(before)
-    exact = reference(q.double(), k.double(), v.double(), tables, ctx, scale)
-    assert_error_rule(got, reference(q, k, v, tables, ctx, scale), exact, tiny=1e-6)
+    cpu_kernel_checked(q, k, v, tables, ctx, scale, threads=3)
 
 
 def test_cpu_kernel_bf16_error_rule():
