@@ -18,7 +18,7 @@ void decode_layers(float* x, const std::vector<const float*>& layers, const Deco
                                     " pointers per layer");
     const int64_t rows = s.rows, hid = s.hidden, dim = s.head_dim;
     const int64_t q_dim = s.heads * dim, kv_dim = s.kv_heads * dim, inter = s.intermediate;
-    std::vector<float> h(rows * hid), y(rows * hid), rstd(rows * std::max(s.heads, int64_t(1)));
+    std::vector<float> h(rows * hid), y(rows * hid), rstd(rows * s.heads);  // rows x heads: qk-norm
     std::vector<float> q(rows * q_dim), k(rows * kv_dim), v(rows * kv_dim), t(rows * q_dim), att(rows * q_dim);
     std::vector<float> g(rows * inter), u(rows * inter);
     auto gemm = [&](const float* in, int64_t in_dim, const float* w, const float* b, float* out, int64_t out_dim) {

@@ -30,12 +30,13 @@ struct Scratch {
     std::vector<std::pair<float, int64_t>> candidates;
 };
 
-// s = x / t (t != 1) into out, and the maximum of s; NaN compares false and is skipped.
-SPICE_CLONES float scale_and_max(const float* x, float t, float* out, int64_t n, bool divide) {
+// The maximum of s, where s = x / t written to out, or s = x when out is null; NaN compares false and
+// is skipped.
+SPICE_CLONES float scale_and_max(const float* x, float t, float* out, int64_t n) {
     f32x16 vmax = f32x16{} - std::numeric_limits<float>::infinity();
     int64_t i = 0;
-    const float* src = divide ? out : x;
-    if (divide) {
+    const float* src = out != nullptr ? out : x;
+    if (out != nullptr) {
         for (; i + kLanes <= n; i += kLanes) store16(out + i, load16(x + i) / t);
         for (; i < n; ++i) out[i] = x[i] / t;
         i = 0;
@@ -228,19 +229,16 @@ void sample_row(const float* x, int64_t n, float t, float top_p, int64_t top_k, 
     const bool greedy = t == 0.f;
     const bool divide = !greedy && t != 1.f;
     if (divide) w.s.resize(n);
-    const float m = scale_and_max(x, t, divide ? w.s.data() : nullptr, n, divide);
+    const float m = scale_and_max(x, t, divide ? w.s.data() : nullptr, n);
     const float* s = divide ? w.s.data() : x;
-    if (!std::isfinite(m)) {
-        *token = 0;
-        *logprob = std::numeric_limits<float>::quiet_NaN();
-        return;
-    }
-    w.e.resize(n);
-    w.block.resize((n + kBlock - 1) / kBlock);
-    exp_and_block_sums(s, m, w.e.data(), w.block.data(), n);
     double total = 0.0;
-    for (double b : w.block) total += b;
-    if (!(total > 0.0) || !std::isfinite(total)) {  // a NaN logit
+    if (std::isfinite(m)) {
+        w.e.resize(n);
+        w.block.resize((n + kBlock - 1) / kBlock);
+        exp_and_block_sums(s, m, w.e.data(), w.block.data(), n);
+        for (double b : w.block) total += b;
+    }
+    if (!(total > 0.0) || !std::isfinite(total)) {  // no finite logit, or a NaN one
         *token = 0;
         *logprob = std::numeric_limits<float>::quiet_NaN();
         return;

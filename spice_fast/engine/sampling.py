@@ -101,7 +101,8 @@ def sample_tokens_ref(
         scaled = scaled / temps[:, None]
     lse = torch.logsumexp(scaled, dim=-1, keepdim=True)  # [B, 1]
     bad = ~torch.isfinite(lse)  # a NaN logit or no finite one (garbage from a diverged model)
-    if bool(bad.any()):
+    any_bad = bool(bad.any())
+    if any_bad:
         # drawn from zeros (any valid token), then reported as token 0 with a NaN logprob
         scaled, lse = scaled.masked_fill(bad, 0.0), lse.masked_fill(bad, 0.0)
         logits = logits.masked_fill(bad, 0.0)
@@ -125,7 +126,7 @@ def sample_tokens_ref(
         if any(greedy):
             tokens = torch.where(torch.tensor(greedy, device=device), logits.argmax(dim=-1), tokens)
     logprobs = (scaled.gather(1, tokens[:, None]) - lse).squeeze(1)
-    if bool(bad.any()):
+    if any_bad:
         bad = bad.squeeze(1)
         tokens, logprobs = tokens.masked_fill(bad, 0), logprobs.masked_fill(bad, float("nan"))
     return tokens, logprobs
