@@ -32,15 +32,23 @@ void run_on_threads(int64_t threads, F&& fn) {
     fn(0);
 }
 
-// fn(r) once for each r in [0, count), on up to `count` threads; ranges are handed out through a
-// counter, so whatever number of threads the pool gives (one when nested or without OpenMP) covers
-// them all.
+// fn(i, state) once for each i in [0, count), on up to `threads` threads, each with its own state made
+// once by make_state() (scratch buffers); indices are handed out through a counter, so whatever number
+// of threads the pool gives (one when nested or without OpenMP) covers them all, and items of uneven
+// cost balance.
+template <typename MakeState, typename F>
+void for_each_index(int64_t count, int64_t threads, MakeState&& make_state, F&& fn) {
+    std::atomic<int64_t> next{0};
+    run_on_threads(std::min(threads, count), [&](int64_t) {
+        auto state = make_state();
+        for (int64_t i = next.fetch_add(1); i < count; i = next.fetch_add(1)) fn(i, state);
+    });
+}
+
+// fn(r) once for each r in [0, count), on up to `count` threads (see for_each_index).
 template <typename F>
 void for_each_range(int64_t count, F&& fn) {
-    std::atomic<int64_t> next{0};
-    run_on_threads(count, [&](int64_t) {
-        for (int64_t r = next.fetch_add(1); r < count; r = next.fetch_add(1)) fn(r);
-    });
+    for_each_index(count, count, [] { return 0; }, [&](int64_t r, int) { fn(r); });
 }
 
 // Below about 64K values a parallel region costs more than it saves.

@@ -5,7 +5,6 @@
 #include "vec.h"
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -278,12 +277,9 @@ void paged_decode(const DecodeArgs& a, DType dtype, int num_threads) {
     // spread over all threads; handed out one at a time, so groups of different lengths balance.
     const int64_t max_group = std::max<int64_t>(1, std::min<int64_t>(kMaxGroup, (a.num_seqs + threads - 1) / threads));
     const std::vector<Group> groups = find_groups(a, max_group);
-    std::atomic<int64_t> next{0};
-    const int64_t num_groups = static_cast<int64_t>(groups.size());
-    spice_parallel::run_on_threads(std::min(threads, num_groups), [&](int64_t) {
-        Scratch w(a, max_group);
-        for (int64_t g = next.fetch_add(1); g < num_groups; g = next.fetch_add(1)) run(&a, &w, &groups[g]);
-    });
+    spice_parallel::for_each_index(
+        static_cast<int64_t>(groups.size()), threads, [&] { return Scratch(a, max_group); },
+        [&](int64_t g, Scratch& w) { run(&a, &w, &groups[g]); });
 }
 
 }  // namespace spice_attention

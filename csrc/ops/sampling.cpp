@@ -2,7 +2,6 @@
 #include "ops/sampling.h"
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <limits>
 #include <utility>
@@ -260,12 +259,8 @@ void sample_row(const float* x, int64_t n, float t, float top_p, int64_t top_k, 
 void sample_rows(const float* logits, int64_t ld, int64_t rows, int64_t vocab, const float* temps,
                  const float* top_ps, const int64_t* top_ks, const float* us, int64_t* tokens, float* logprobs,
                  int num_threads) {
-    std::atomic<int64_t> next{0};
-    const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(num_threads, rows));
-    spice_parallel::run_on_threads(threads, [&](int64_t) {
-        Scratch w;
-        for (int64_t r = next.fetch_add(1); r < rows; r = next.fetch_add(1))
-            sample_row(logits + r * ld, vocab, temps[r], top_ps[r], top_ks[r], us[r], tokens + r, logprobs + r, w);
+    spice_parallel::for_each_index(rows, num_threads, [] { return Scratch{}; }, [&](int64_t r, Scratch& w) {
+        sample_row(logits + r * ld, vocab, temps[r], top_ps[r], top_ks[r], us[r], tokens + r, logprobs + r, w);
     });
 }
 
