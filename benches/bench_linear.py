@@ -16,6 +16,11 @@ weights of at least 2^19 elements, torch below).
 
     python benches/bench_linear.py                 # the sweep above
     python benches/bench_linear.py --rows 1,8,32 --threads 2
+    python benches/bench_linear.py --rows 8,9,16,20,24,32   # and the small-row GEMM's two kernels
+
+The small-row GEMM has two kernels (csrc/ops/small_gemm.h): a table at the end times both on the same
+cold weights for each row count up to 32 (``dot / broadcast`` > 1: the broadcast kernel is faster) and
+says which one ``auto`` picks there.
 """
 
 from __future__ import annotations
@@ -113,6 +118,25 @@ def main() -> None:
     print(f"CPU linear, float32, {torch.get_num_threads()} threads; times are per call over all weights")
     print_table(["rows", "shape", "op", "weights", "path", "torch ms", "spice_fast ms", "torch GFLOP/s",
                  "spice_fast GFLOP/s", "speed-up", "vs oneDNN"], table)  # fmt: skip
+
+    kernel_rows = []
+    if linear_mod.small_gemm_available():  # the small-row GEMM's two kernels on the same calls
+        for m in [r for r in rows_list if r <= linear_mod.SMALL_GEMM_MAX_ROWS] or [16, 32]:
+            for name, (k, n) in SHAPES.items():
+                ws, x = weights(n, k, cold=True), torch.randn(m, k)
+                fns = {kern: lambda ws=ws, x=x, kern=kern: [linear_mod._small_gemm(x, w, None, kern)
+                                                             for w in ws]
+                       for kern in ("dot", "broadcast")}  # fmt: skip
+                torch.testing.assert_close(fns["broadcast"]()[0], fns["dot"]()[0], rtol=1e-4, atol=1e-4)
+                t = time_interleaved(fns, warmup=2, repeat=args.repeat)
+                auto = ("auto", "dot", "broadcast")[linear_mod.cpu_ops().small_gemm_auto_kernel(m)]
+                kernel_rows.append(
+                    [m, name, t["dot"] * 1e3, t["broadcast"] * 1e3, t["dot"] / t["broadcast"], auto]
+                )
+                results.append({"rows": m, "shape": name, "op": "fwd kernels", "dot_s": t["dot"],
+                                "broadcast_s": t["broadcast"], "auto": auto})  # fmt: skip
+        print("\nsmall-row GEMM kernels, cold weights: dot-product tiles against the broadcast kernel")
+        print_table(["rows", "shape", "dot ms", "broadcast ms", "dot / broadcast", "auto picks"], kernel_rows)
 
     swiglu_rows = []
     if cpu_ops_available():

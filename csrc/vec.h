@@ -78,6 +78,30 @@ SPICE_INLINE void store_part(float* p, f32x16 v, int64_t n) { std::memcpy(p, &v,
 
 typedef int32_t i32x16 __attribute__((vector_size(64)));
 
+// v[i] lane j <-> v[j] lane i (a 16 x 16 transpose in registers): for each block size S = 8, 4, 2, 1,
+// rows S apart swap their blocks of S lanes that sit on the other side of the diagonal (64 two-source
+// shuffles in all).
+template <int S>
+SPICE_INLINE void swap_blocks(f32x16* v) {
+    i32x16 lo, hi;  // lane j of the lower row of a pair, and of the upper row, in (a, b) = lanes 0-31
+    for (int j = 0; j < kLanes; ++j) {
+        lo[j] = (j & S) ? kLanes + j - S : j;
+        hi[j] = (j & S) ? kLanes + j : j + S;
+    }
+    for (int i = 0; i < kLanes; ++i)
+        if (!(i & S)) {
+            const f32x16 a = v[i], b = v[i + S];
+            v[i] = __builtin_shuffle(a, b, lo);
+            v[i + S] = __builtin_shuffle(a, b, hi);
+        }
+}
+SPICE_INLINE void transpose16(f32x16* v) {
+    swap_blocks<8>(v);
+    swap_blocks<4>(v);
+    swap_blocks<2>(v);
+    swap_blocks<1>(v);
+}
+
 // e^x for x <= 0 (lane-wise), branch-free: x = n ln2 + r with |r| <= ln2 / 2 (n rounded to nearest
 // by the 1.5 * 2^23 trick), e^r by Cephes' degree-7 expf polynomial, 2^n through the exponent bits.
 // Relative error below 2e-7 (std::exp's is 6e-8); 0 below -87 (-inf included), where float32

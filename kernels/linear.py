@@ -7,8 +7,10 @@
 
   - calls without autograd on at most ``SMALL_GEMM_MAX_ROWS`` rows (the sampler's decode steps) and
     weights under ``SMALL_GEMM_MAX_WEIGHT_NUMEL`` elements: the C++ small-row GEMM of
-    ``csrc/ops/small_gemm.cpp`` (``spice_fast._cpu_ops``), dot products of register tiles that stream
-    the weight once, on torch's OpenMP threads; on CPUs with AVX-512 only;
+    ``csrc/ops/small_gemm.cpp`` (``spice_fast._cpu_ops``), which streams the weight once on torch's
+    OpenMP threads: dot products of register tiles for few rows, and for 12-16 and 28-32 rows each
+    weight value broadcast against the rows held transposed in vectors (no horizontal sums; 1.2-1.4x
+    the tiles there); on CPUs with AVX-512 only;
   - weights of at least ``MIN_WEIGHT_NUMEL`` elements otherwise: oneDNN's inner product
     (``torch.ops.mkldnn._linear_pointwise``, the op torch's inductor uses for CPU linears) for the
     forward product and, for large batches, the input gradient. The weight gradient ``g.T @ x`` stays
@@ -92,8 +94,14 @@ def small_gemm_available() -> bool:
     return _small_gemm_ok[0]
 
 
-def _small_gemm(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``x2 @ weight.T + bias`` for a 2-D float32 ``x2`` [M, K] through the C++ small-row GEMM."""
+SMALL_GEMM_KERNELS = {"auto": 0, "dot": 1, "broadcast": 2}  # csrc/ops/small_gemm.h GemmKernel
+
+
+def _small_gemm(
+    x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, kernel: str = "auto"
+) -> torch.Tensor:
+    """``x2 @ weight.T + bias`` for a 2-D float32 ``x2`` [M, K] through the C++ small-row GEMM
+    (``kernel``: which of its two kernels, ``"auto"`` by the row count; tests and benches force one)."""
     x2 = x2 if x2.stride(1) == 1 else x2.contiguous()
     w = weight if weight.stride(1) == 1 else weight.contiguous()
     b = None if bias is None else bias.contiguous()
@@ -101,7 +109,7 @@ def _small_gemm(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     out = torch.empty(m, w.shape[0], dtype=torch.float32)
     cpu_ops().small_gemm(
         x2.data_ptr(), x2.stride(0), w.data_ptr(), w.stride(0), 0 if b is None else b.data_ptr(),
-        out.data_ptr(), out.stride(0), m, w.shape[0], k, torch.get_num_threads(),
+        out.data_ptr(), out.stride(0), m, w.shape[0], k, torch.get_num_threads(), SMALL_GEMM_KERNELS[kernel],
     )  # fmt: skip
     return out
 

@@ -73,6 +73,41 @@ def test_forward_matches_fp64(monkeypatch, rows, k, n, bias, backend):
 
 
 @needs_onednn
+@needs_small
+@pytest.mark.parametrize("kernel", ["auto", "dot", "broadcast"])
+@pytest.mark.parametrize("rows", [1, 8, 9, 12, 16, 17, 23, 27, 28, 32, 33, 44, 70])
+def test_small_gemm_kernels_match_fp64(rows, kernel):
+    """Both small-row kernels at every row count class: the dot-product tiles (1-11, 17-27 under auto), the
+    broadcast kernel with one vector of rows (9-16 forced, 12-16 under auto) and two (17-32), and blocks
+    of 32 after that; K and
+    N off the vector and tile widths; a row stride past the row length; a bias; nothing written
+    outside [rows, N]."""
+    k, n = 70, 2 * 96 + 24 + 5  # two column chunks, a unit, and a tail under one tile
+    gen = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, k + 3, generator=gen, dtype=torch.float64)[:, :k]
+    w = torch.randn(n, k, generator=gen, dtype=torch.float64) * k**-0.5
+    b = torch.randn(n, generator=gen, dtype=torch.float64)
+    out = torch.full((rows + 1, n + 3), float("nan"))
+    y = out[:rows, :n]
+    xf, wf, bf = x.float(), w.float(), b.float()
+    linear_mod.cpu_ops().small_gemm(
+        xf.data_ptr(), xf.stride(0), wf.data_ptr(), k, bf.data_ptr(), y.data_ptr(), y.stride(0), rows, n, k,
+        2, linear_mod.SMALL_GEMM_KERNELS[kernel],
+    )  # fmt: skip
+    assert out[rows:].isnan().all() and out[:, n:].isnan().all(), "wrote outside y"
+    xb = torch.cat([x, torch.ones(rows, 1, dtype=x.dtype)], 1)
+    wb = torch.cat([w, b[:, None]], 1)
+    assert_within_gemm_bound(y, xb, wb.T, F.linear(x, w, b), name=f"{kernel} {rows} rows")
+
+
+def test_small_gemm_kernel_choice_is_checked():
+    if not small_gemm_available():
+        pytest.skip("spice_fast._cpu_ops not built or no AVX-512 on this CPU")
+    x, w, y = torch.ones(2, 4), torch.ones(3, 4), torch.empty(2, 3)
+    with pytest.raises(ValueError, match="kernel must be 0"):
+        linear_mod.cpu_ops().small_gemm(x.data_ptr(), 4, w.data_ptr(), 4, 0, y.data_ptr(), 3, 2, 3, 4, 1, 3)
+
+
 @pytest.mark.parametrize("bias", [False, True])
 def test_gradients_match_fp64(monkeypatch, bias):
     gen = torch.Generator().manual_seed(3)

@@ -6,6 +6,7 @@
 #include <pybind11/stl.h>
 
 #include <cstdint>
+#include <string>
 #include <vector>
 
 #include "ops/decode_layers.h"
@@ -31,15 +32,21 @@ PYBIND11_MODULE(_cpu_ops, m) {
     m.def(
         "small_gemm",
         [](uintptr_t x, int64_t ldx, uintptr_t w, int64_t ldw, uintptr_t bias, uintptr_t y, int64_t ldy, int64_t m,
-           int64_t n, int64_t k, int num_threads) {
+           int64_t n, int64_t k, int num_threads, int kernel) {
             if (m < 0 || n < 0 || k <= 0 || ldx < k || ldw < k || ldy < n)
                 throw py::value_error("small_gemm: sizes must be non-negative, k positive, strides >= row lengths");
+            if (kernel < 0 || kernel > 2)
+                throw py::value_error("small_gemm: kernel must be 0 (auto), 1 (dot) or 2 (broadcast), got " +
+                                      std::to_string(kernel));
             py::gil_scoped_release release;
             spice_ops::small_gemm(in(x), ldx, in(w), ldw, bias ? in(bias) : nullptr, out(y), ldy, m, n, k,
-                                  num_threads);
+                                  num_threads, static_cast<spice_ops::GemmKernel>(kernel));
         },
         py::arg("x"), py::arg("ldx"), py::arg("w"), py::arg("ldw"), py::arg("bias"), py::arg("y"), py::arg("ldy"),
-        py::arg("m"), py::arg("n"), py::arg("k"), py::arg("num_threads"));
+        py::arg("m"), py::arg("n"), py::arg("k"), py::arg("num_threads"), py::arg("kernel") = 0);
+    m.def(
+        "small_gemm_auto_kernel", [](int64_t m) { return static_cast<int>(spice_ops::small_gemm_auto_kernel(m)); },
+        py::arg("m"), "the kernel small_gemm runs for m rows by default: 1 (dot) or 2 (broadcast)");
     m.def("small_gemm_vectorized", &spice_ops::small_gemm_vectorized,
           "whether this CPU runs the AVX-512 build of small_gemm");
     m.def(

@@ -2,6 +2,8 @@
 #include "ops/small_gemm.h"
 
 #include <algorithm>
+#include <cstring>
+#include <vector>
 
 #include "parallel.h"
 #include "vec.h"
@@ -83,11 +85,146 @@ SPICE_CLONES void columns(const float* x, int64_t ldx, const float* w, int64_t l
 
 constexpr int64_t kMinMacsPerThread = int64_t(1) << 18;
 
+// ---- 12-16 and 28-32 rows: x transposed, one W value broadcast against a vector of rows ----
+// Each W value is multiplied into MV vectors holding all rows of x, so the accumulators hold whole
+// outputs (no horizontal sums) and W streams through once, row by row (see small_gemm.h).
+
+// Rows that take it (small_gemm_auto_kernel): 12-16 (one vector of rows) and 28-32 (two). With fewer
+// the dot-product tiles above are as fast or faster: both wait on memory, and packing x costs a few
+// microseconds per call; at 17-27 rows much of the second vector is padding (measured on a Zen 4 with
+// benches/bench_linear.py, which prints both kernels' times). More rows: blocks of 32.
+constexpr int64_t kMinOneVectorRows = 12;
+constexpr int64_t kMinTwoVectorRows = 28;
+constexpr int64_t kMaxTransposedRows = 32;
+constexpr int64_t kColumnUnit = 24;         // columns per unit of the thread split (tile widths 8, 12)
+constexpr int64_t kChunk = 96;              // columns computed into a cache-resident block, then unpacked
+constexpr int64_t kPrefetchAhead = 32;      // values of a W row fetched ahead of use
+
+// out[c][0..16 MV) = sum_i w[c][i] xt[i][0..16 MV) for NR rows c of W.
+template <int MV, int NR>
+SPICE_INLINE void broadcast_tile(const float* xt, const float* w, int64_t ldw, int64_t k, float* out) {
+    constexpr int MP = MV * kLanes;
+    f32x16 acc[NR][MV] = {};
+    for (int64_t i = 0; i < k; ++i) {
+        if ((i & (kLanes - 1)) == 0)  // one cache line of each W row
+            for (int c = 0; c < NR; ++c) __builtin_prefetch(w + c * ldw + i + kPrefetchAhead, 0, 3);
+        f32x16 xv[MV];
+        for (int v = 0; v < MV; ++v) xv[v] = load16(xt + i * MP + v * kLanes);
+        for (int c = 0; c < NR; ++c) {
+            const f32x16 wv = w[c * ldw + i] - f32x16{};  // a broadcast (x - 0 is exact, so it folds away)
+            for (int v = 0; v < MV; ++v) acc[c][v] += wv * xv[v];
+        }
+    }
+    for (int c = 0; c < NR; ++c)
+        for (int v = 0; v < MV; ++v) store16(out + c * MP + v * kLanes, acc[c][v]);
+}
+
+// xt[i][r] = x[r][i] for r < m, 0 for m <= r < mp (16 or 32), 16 x 16 at a time.
+SPICE_INLINE void pack_transposed(const float* x, int64_t ldx, int64_t m, int64_t k, int64_t mp, float* xt) {
+    for (int64_t r0 = 0; r0 < mp; r0 += kLanes) {
+        const int64_t rows = std::max<int64_t>(0, std::min<int64_t>(kLanes, m - r0));
+        const int64_t lanes = std::min<int64_t>(kLanes, mp - r0);
+        for (int64_t i0 = 0; i0 < k; i0 += kLanes) {
+            const int64_t cols = std::min<int64_t>(kLanes, k - i0);
+            f32x16 v[kLanes];
+            for (int64_t r = 0; r < kLanes; ++r) {
+                const float* src = x + (r0 + r) * ldx + i0;
+                v[r] = r >= rows ? f32x16{} : cols == kLanes ? load16(src) : load_part(src, cols);
+            }
+            transpose16(v);
+            for (int64_t c = 0; c < cols; ++c) {
+                float* dst = xt + (i0 + c) * mp + r0;
+                if (lanes == kLanes) store16(dst, v[c]);
+                else store_part(dst, v[c], lanes);
+            }
+        }
+    }
+}
+
+// y[r][c0 + c] = yt[c][r] (+ bias[c0 + c]) for r < m, c < cols: the inverse of pack_transposed.
+SPICE_INLINE void unpack_transposed(const float* yt, int64_t mp, int64_t m, int64_t cols, const float* bias,
+                                    float* y, int64_t ldy) {
+    for (int64_t r0 = 0; r0 < m; r0 += kLanes) {
+        const int64_t rows = std::min<int64_t>(kLanes, m - r0);
+        const int64_t lanes = std::min<int64_t>(kLanes, mp - r0);
+        for (int64_t c0 = 0; c0 < cols; c0 += kLanes) {
+            const int64_t cc = std::min<int64_t>(kLanes, cols - c0);
+            f32x16 v[kLanes];
+            for (int64_t c = 0; c < kLanes; ++c) {
+                const float* src = yt + (c0 + c) * mp + r0;
+                v[c] = c >= cc ? f32x16{} : lanes == kLanes ? load16(src) : load_part(src, lanes);
+            }
+            transpose16(v);
+            if (cc == kLanes) {
+                const f32x16 b = bias ? load16(bias + c0) : f32x16{};
+                for (int64_t r = 0; r < rows; ++r) store16(y + (r0 + r) * ldy + c0, v[r] + b);
+            } else {
+                const f32x16 b = bias ? load_part(bias + c0, cc) : f32x16{};
+                for (int64_t r = 0; r < rows; ++r) store_part(y + (r0 + r) * ldy + c0, v[r] + b, cc);
+            }
+        }
+    }
+}
+
+// Columns [n0, n1) of y for the mp-row packed xt, kChunk columns at a time.
+template <int MV, int NR>
+SPICE_INLINE void broadcast_columns(const float* xt, int64_t m, const float* w, int64_t ldw, const float* bias,
+                                    float* y, int64_t ldy, int64_t k, int64_t n0, int64_t n1) {
+    constexpr int64_t MP = MV * kLanes;
+    alignas(64) float yt[kChunk * MP];
+    for (int64_t c0 = n0; c0 < n1; c0 += kChunk) {
+        const int64_t cols = std::min(kChunk, n1 - c0);
+        int64_t c = 0;
+        for (; c + NR <= cols; c += NR) broadcast_tile<MV, NR>(xt, w + (c0 + c) * ldw, ldw, k, yt + c * MP);
+        for (; c < cols; ++c) broadcast_tile<MV, 1>(xt, w + (c0 + c) * ldw, ldw, k, yt + c * MP);
+        unpack_transposed(yt, MP, m, cols, bias ? bias + c0 : nullptr, y + c0, ldy);
+    }
+}
+
+SPICE_CLONES void transposed_columns(const float* xt, int64_t mp, int64_t m, const float* w, int64_t ldw,
+                                     const float* bias, float* y, int64_t ldy, int64_t k, int64_t n0, int64_t n1) {
+    if (mp == kLanes) broadcast_columns<1, 8>(xt, m, w, ldw, bias, y, ldy, k, n0, n1);
+    else broadcast_columns<2, 12>(xt, m, w, ldw, bias, y, ldy, k, n0, n1);
+}
+
+SPICE_CLONES void pack(const float* x, int64_t ldx, int64_t m, int64_t k, int64_t mp, float* xt) {
+    pack_transposed(x, ldx, m, k, mp, xt);
+}
+
+// m rows, at most 32: x packed transposed, W's columns split over threads in whole units.
+void transposed_gemm(const float* x, int64_t ldx, const float* w, int64_t ldw, const float* bias, float* y,
+                     int64_t ldy, int64_t m, int64_t n, int64_t k, int num_threads) {
+    const int64_t mp = m <= kLanes ? kLanes : 2 * kLanes;
+    thread_local std::vector<float> packed;
+    if (static_cast<int64_t>(packed.size()) < k * mp) packed.resize(k * mp);
+    pack(x, ldx, m, k, mp, packed.data());
+    const int64_t units = (n + kColumnUnit - 1) / kColumnUnit;
+    const int64_t by_work = m * n * k / kMinMacsPerThread;
+    const int64_t threads = std::max<int64_t>(1, std::min<int64_t>({int64_t(num_threads), by_work, units}));
+    const int64_t per = (units + threads - 1) / threads * kColumnUnit;  // whole units per thread
+    const float* xt = packed.data();
+    spice_parallel::for_each_range(threads, [&](int64_t t) {
+        const int64_t n0 = std::min(n, t * per), n1 = std::min(n, n0 + per);
+        if (n0 < n1) transposed_columns(xt, mp, m, w, ldw, bias, y, ldy, k, n0, n1);
+    });
+}
+
 }  // namespace
 
 void small_gemm(const float* x, int64_t ldx, const float* w, int64_t ldw, const float* bias, float* y,
-                int64_t ldy, int64_t m, int64_t n, int64_t k, int num_threads) {
+                int64_t ldy, int64_t m, int64_t n, int64_t k, int num_threads, GemmKernel kernel) {
     if (m <= 0 || n <= 0) return;
+    if (m > kMaxTransposedRows && kernel != GemmKernel::kDot) {  // blocks of 32 rows, a pass over W each
+        small_gemm(x, ldx, w, ldw, bias, y, ldy, kMaxTransposedRows, n, k, num_threads, kernel);
+        small_gemm(x + kMaxTransposedRows * ldx, ldx, w, ldw, bias, y + kMaxTransposedRows * ldy, ldy,
+                   m - kMaxTransposedRows, n, k, num_threads, kernel);
+        return;
+    }
+    if (kernel == GemmKernel::kAuto) kernel = small_gemm_auto_kernel(m);
+    if (kernel == GemmKernel::kBroadcast) {
+        transposed_gemm(x, ldx, w, ldw, bias, y, ldy, m, n, k, num_threads);
+        return;
+    }
     const int64_t by_work = m * n * k / kMinMacsPerThread;
     const int64_t tiles = (n + kColsPerTile - 1) / kColsPerTile;
     const int64_t threads = std::max<int64_t>(1, std::min<int64_t>({int64_t(num_threads), by_work, tiles}));
@@ -97,6 +234,12 @@ void small_gemm(const float* x, int64_t ldx, const float* w, int64_t ldw, const 
         const int64_t n0 = std::min(n, t * per), n1 = std::min(n, n0 + per);
         if (n0 < n1) columns(x, ldx, w, ldw, bias, y, ldy, m, k, n0, n1);
     });
+}
+
+GemmKernel small_gemm_auto_kernel(int64_t m) {
+    if (m > kMaxTransposedRows) m = (m - 1) % kMaxTransposedRows + 1;  // the last block's rows
+    return (m >= kMinOneVectorRows && m <= kLanes) || m >= kMinTwoVectorRows ? GemmKernel::kBroadcast
+                                                                              : GemmKernel::kDot;
 }
 
 bool small_gemm_vectorized() {
