@@ -8,8 +8,8 @@
   - calls without autograd on at most ``SMALL_GEMM_MAX_ROWS`` rows (the sampler's decode steps) and
     weights under ``SMALL_GEMM_MAX_WEIGHT_NUMEL`` elements: the C++ small-row GEMM of
     ``csrc/ops/small_gemm.cpp`` (``spice_fast._cpu_ops``), which streams the weight once on torch's
-    OpenMP threads: dot products of register tiles for few rows, and for 12-16 and 28-32 rows each
-    weight value broadcast against the rows held transposed in vectors (no horizontal sums; 1.2-1.4x
+    OpenMP threads: dot products of register tiles for few rows, and for 10-16 and 24-32 rows each
+    weight value broadcast against the rows held transposed in vectors (no horizontal sums; 1.1-1.6x
     the tiles there); on CPUs with AVX-512 only;
   - weights of at least ``MIN_WEIGHT_NUMEL`` elements otherwise: oneDNN's inner product
     (``torch.ops.mkldnn._linear_pointwise``, the op torch's inductor uses for CPU linears) for the

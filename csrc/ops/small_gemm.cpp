@@ -15,18 +15,21 @@ using namespace spice_vec;
 
 constexpr int kRowsPerTile = 4;  // rows of x
 constexpr int kColsPerTile = 6;  // rows of W (columns of y)
+// Tile columns between the one computed and the one prefetched: enough loads in flight to draw 30+ GB/s
+// from memory on two cores, where one column ahead (into L1) drew about 21 (measured, Zen 4).
+constexpr int64_t kPrefetchColumns = 4;
 
 // One tile: y[0..MR) x [0..NR) from x rows at `x` and W rows at `w`, K values each. With `next` (the
-// W rows of the following tile column), one cache line of each of its rows is prefetched per step, so
-// the next column streams in from memory while this one computes.
+// W rows of a tile column further on), one cache line of each of its rows is prefetched per step, so
+// later columns stream in from memory while this one computes.
 template <int MR, int NR>
 SPICE_INLINE void tile(const float* x, int64_t ldx, const float* w, int64_t ldw, const float* bias, float* y,
                        int64_t ldy, int64_t k, const float* next) {
     f32x16 acc[MR][NR] = {};
     int64_t i = 0;
     for (; i + kLanes <= k; i += kLanes) {
-        if (next)
-            for (int c = 0; c < kColsPerTile; ++c) __builtin_prefetch(next + c * ldw + i, 0, 3);
+        if (next)  // into L2 (prefetcht1): they are used a few tiles later
+            for (int c = 0; c < kColsPerTile; ++c) __builtin_prefetch(next + c * ldw + i, 0, 2);
         f32x16 wv[NR];
         for (int c = 0; c < NR; ++c) wv[c] = load16(w + c * ldw + i);
         for (int r = 0; r < MR; ++r) {
@@ -48,7 +51,7 @@ SPICE_INLINE void tile(const float* x, int64_t ldx, const float* w, int64_t ldw,
 
 // All rows of x against W rows [n0, n1), tile by tile: a tile column of W is read from memory once and
 // from cache for the next tile rows.
-// `next`: the following tile column's W rows, prefetched during the first tile row (nullptr: none).
+// `next`: a later tile column's W rows, prefetched during the first tile row (nullptr: none).
 template <int NR>
 SPICE_INLINE void tile_column(const float* x, int64_t ldx, const float* w, int64_t ldw, const float* bias,
                               float* y, int64_t ldy, int64_t m, int64_t k, const float* next) {
@@ -67,8 +70,9 @@ SPICE_CLONES void columns(const float* x, int64_t ldx, const float* w, int64_t l
                           int64_t ldy, int64_t m, int64_t k, int64_t n0, int64_t n1) {
     int64_t c = n0;
     for (; c + kColsPerTile <= n1; c += kColsPerTile) {
-        // prefetch the next full tile column (a partial last one is read on demand)
-        const float* next = c + 2 * kColsPerTile <= n1 ? w + (c + kColsPerTile) * ldw : nullptr;
+        // prefetch the full tile column kPrefetchColumns ahead (the last ones are read on demand)
+        const float* next =
+            c + (kPrefetchColumns + 1) * kColsPerTile <= n1 ? w + (c + kPrefetchColumns * kColsPerTile) * ldw : nullptr;
         tile_column<kColsPerTile>(x, ldx, w + c * ldw, ldw, bias ? bias + c : nullptr, y + c, ldy, m, k, next);
     }
     const float* wc = w + c * ldw;
@@ -85,20 +89,19 @@ SPICE_CLONES void columns(const float* x, int64_t ldx, const float* w, int64_t l
 
 constexpr int64_t kMinMacsPerThread = int64_t(1) << 18;
 
-// ---- 12-16 and 28-32 rows: x transposed, one W value broadcast against a vector of rows ----
+// ---- 10-16 and 24-32 rows: x transposed, one W value broadcast against a vector of rows ----
 // Each W value is multiplied into MV vectors holding all rows of x, so the accumulators hold whole
 // outputs (no horizontal sums) and W streams through once, row by row (see small_gemm.h).
 
-// Rows that take it (small_gemm_auto_kernel): 12-16 (one vector of rows) and 28-32 (two). With fewer
-// the dot-product tiles above are as fast or faster: both wait on memory, and packing x costs a few
-// microseconds per call; at 17-27 rows much of the second vector is padding (measured on a Zen 4 with
+// Rows that take it (small_gemm_auto_kernel): 10-16 (one vector of rows) and 24-32 (two). With fewer
+// the dot-product tiles above are as fast: both wait on memory, and packing x costs a few microseconds
+// per call; at 17-23 rows much of the second vector is padding (measured on a Zen 4 with
 // benches/bench_linear.py, which prints both kernels' times). More rows: blocks of 32.
-constexpr int64_t kMinOneVectorRows = 12;
-constexpr int64_t kMinTwoVectorRows = 28;
+constexpr int64_t kMinOneVectorRows = 10;
+constexpr int64_t kMinTwoVectorRows = 24;
 constexpr int64_t kMaxTransposedRows = 32;
 constexpr int64_t kColumnUnit = 24;         // columns per unit of the thread split (tile widths 8, 12)
 constexpr int64_t kChunk = 96;              // columns computed into a cache-resident block, then unpacked
-constexpr int64_t kPrefetchAhead = 32;      // values of a W row fetched ahead of use
 
 // out[c][0..16 MV) = sum_i w[c][i] xt[i][0..16 MV) for NR rows c of W.
 template <int MV, int NR>
@@ -106,8 +109,8 @@ SPICE_INLINE void broadcast_tile(const float* xt, const float* w, int64_t ldw, i
     constexpr int MP = MV * kLanes;
     f32x16 acc[NR][MV] = {};
     for (int64_t i = 0; i < k; ++i) {
-        if ((i & (kLanes - 1)) == 0)  // one cache line of each W row
-            for (int c = 0; c < NR; ++c) __builtin_prefetch(w + c * ldw + i + kPrefetchAhead, 0, 3);
+        if ((i & (kLanes - 1)) == 0)  // a cache line of each W row of the next tile, into L2
+            for (int c = 0; c < NR; ++c) __builtin_prefetch(w + (c + NR) * ldw + i, 0, 2);
         f32x16 xv[MV];
         for (int v = 0; v < MV; ++v) xv[v] = load16(xt + i * MP + v * kLanes);
         for (int c = 0; c < NR; ++c) {

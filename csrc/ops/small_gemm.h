@@ -3,13 +3,13 @@
 // x [M, K], W [N, K] (a weight in its own row-major layout, read in place), y [M, N], float32, rows at
 // the given strides (elements). W streams through once per call (per 32 rows) while x stays in cache;
 // columns of y are split over threads (torch's OpenMP workers, see parallel.h). Two kernels:
-// - up to 11 rows (and 17-27): each output a dot product of a row of x with a row of W; tiles of 4 rows
+// - up to 9 rows (and 17-23): each output a dot product of a row of x with a row of W; tiles of 4 rows
 //   of x by 6 rows of W keep 24 vector accumulators in registers, the next tile's W rows prefetched.
 //   Few rows wait on memory, which hides the horizontal sums at the end of each tile.
-// - 12-16 and 28-32 rows: x is packed transposed (k-major, rows padded to 16 or 32), and each W value
+// - 10-16 and 24-32 rows: x is packed transposed (k-major, rows padded to 16 or 32), and each W value
 //   is broadcast against one or two vectors that hold that k for every row, so the accumulators hold
 //   whole outputs (8 or 12 W rows by 16 or 32 rows of x): no horizontal sums, near the FMA peak.
-//   Outputs are transposed back 16 x 16 in registers. 1.25x the dot-product tiles at 16 and 32 rows.
+//   Outputs are transposed back 16 x 16 in registers. 1.2-1.6x the dot-product tiles at 16 and 32 rows.
 // For M up to a few dozen this reads W at memory speed, where a general GEMM packs and blocks for
 // large M.
 #pragma once
