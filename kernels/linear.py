@@ -23,7 +23,7 @@ Why: torch's CPU ``mm`` calls MKL's sgemm, which takes its generic code path on 
 a general GEMM packs and blocks for many rows. On the 2-core AMD EPYC (Zen 4) this project is
 developed on, oneDNN computes the LM head 2.1-2.2x and the MLP projections 1.1-1.25x faster than
 torch in training, and the small-row GEMM a decode step's products 1.0-2.2x faster than the faster of
-the two at 8-32 rows; ``benches/bench_linear.py`` measures them in one run, shape
+the two at 8-32 rows and 1.07-1.7x at 64; ``benches/bench_linear.py`` measures them in one run, shape
 by shape.
 
 Switch: ``backend="auto"|"cpp"|"onednn"|"torch"`` per call, or ``SPICE_FAST_LINEAR`` (``auto``, the
@@ -65,11 +65,12 @@ def onednn_available() -> bool:
 # Measured with benches/bench_linear.py on the 2-core Zen 4: oneDNN's per-call cost outweighs its
 # faster kernel for small weights (the 576x192 K/V and 576x576 Q/O projections run 0.7-1.0x torch's
 # speed through it), and its input-gradient product only wins on large batches. The small-row GEMM
-# wins on every layer shape at 1-32 rows (1.1-2.2x) and on SmolLM2's LM head at 1-8 rows (1.1-1.3x),
-# where it ties oneDNN at 32.
+# wins on every layer shape at 1-32 rows (1.1-2.2x) and, with its broadcast kernel on blocks of 32
+# rows, at 64 (1.07-1.7x against the faster of oneDNN and torch); at 128 rows it still wins on Q/O and
+# the LM head but loses on K/V (0.7x) and ties or loses on the MLP (0.9-1.0x).
 MIN_WEIGHT_NUMEL = 1 << 19  # oneDNN forward: weights of at least this many elements (MLP, LM head)
 MIN_DGRAD_ROWS = 1024  # oneDNN backward: input gradients of at least this many rows (and a large weight)
-SMALL_GEMM_MAX_ROWS = 32  # small-row GEMM: calls without autograd of at most this many rows
+SMALL_GEMM_MAX_ROWS = 64  # small-row GEMM: calls without autograd of at most this many rows
 SMALL_GEMM_MAX_WEIGHT_NUMEL = 1 << 26  # ... and weights under this many elements (larger: not measured)
 
 

@@ -261,7 +261,8 @@ def test_prefix_tree_batch_equals_each_path_run_alone():
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_cpu_decode_step_in_one_call_equals_python_layers(arch, monkeypatch):
+@pytest.mark.parametrize("samples", [3, 12])  # 9 rows (dot-product tiles), 36 (a 32-row broadcast block + 4)
+def test_cpu_decode_step_in_one_call_equals_python_layers(arch, samples, monkeypatch):
     """The engine's CPU decode steps through decode_layers_cpu (all layers in one C++ call) draw the
     tokens of the Python layers (SPICE_FAST_CPU_DECODE=torch) with their logprobs; the call really ran."""
     from spice_fast.kernels.linear import small_gemm_available
@@ -279,11 +280,11 @@ def test_cpu_decode_step_in_one_call_equals_python_layers(arch, monkeypatch):
         torch.randint(3, VOCAB, (n,), generator=torch.Generator().manual_seed(n)).tolist()
         for n in (5, 23, 40)
     ]
-    params = SamplingParams(n=3, temperature=0.9, max_tokens=24, seed=7, ignore_eos=True)
+    params = SamplingParams(n=samples, temperature=0.9, max_tokens=24, seed=7, ignore_eos=True)
     outs = {}
     for mode in ("torch", "auto"):
         monkeypatch.setenv("SPICE_FAST_CPU_DECODE", mode)
-        engine = Engine(model, max_num_seqs=16, max_model_len=128, block_size=16)
+        engine = Engine(model, max_num_seqs=3 * samples, max_model_len=128, block_size=16)
         outs[mode] = [c for out in engine.generate(prompts, params) for c in out.outputs]
         assert bool(calls) == (mode == "auto")
     for ref, fast in zip(outs["torch"], outs["auto"], strict=True):
