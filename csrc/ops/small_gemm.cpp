@@ -122,6 +122,24 @@ SPICE_INLINE void broadcast_tile(const float* xt, const float* w, int64_t ldw, i
         for (int v = 0; v < MV; ++v) store16(out + c * MP + v * kLanes, acc[c][v]);
 }
 
+// One 16 x 16 block transposed: dst row j (dst_rows of them, dst_lanes values each) takes lane j of
+// src rows 0..15, where src rows past src_rows and values past src_lanes read as 0; `add` (if given)
+// is added to each dst row.
+SPICE_INLINE void transpose_block(const float* src, int64_t ld_src, int64_t src_rows, int64_t src_lanes, float* dst,
+                                  int64_t ld_dst, int64_t dst_rows, int64_t dst_lanes, const f32x16* add) {
+    f32x16 v[kLanes];
+    for (int64_t r = 0; r < kLanes; ++r) {
+        const float* p = src + r * ld_src;
+        v[r] = r >= src_rows ? f32x16{} : src_lanes == kLanes ? load16(p) : load_part(p, src_lanes);
+    }
+    transpose16(v);
+    for (int64_t r = 0; r < dst_rows; ++r) {
+        const f32x16 out = add ? v[r] + *add : v[r];
+        if (dst_lanes == kLanes) store16(dst + r * ld_dst, out);
+        else store_part(dst + r * ld_dst, out, dst_lanes);
+    }
+}
+
 // xt[i][r] = x[r][i] for r < m, 0 for m <= r < mp (16 or 32), 16 x 16 at a time.
 SPICE_INLINE void pack_transposed(const float* x, int64_t ldx, int64_t m, int64_t k, int64_t mp, float* xt) {
     for (int64_t r0 = 0; r0 < mp; r0 += kLanes) {
@@ -129,17 +147,7 @@ SPICE_INLINE void pack_transposed(const float* x, int64_t ldx, int64_t m, int64_
         const int64_t lanes = std::min<int64_t>(kLanes, mp - r0);
         for (int64_t i0 = 0; i0 < k; i0 += kLanes) {
             const int64_t cols = std::min<int64_t>(kLanes, k - i0);
-            f32x16 v[kLanes];
-            for (int64_t r = 0; r < kLanes; ++r) {
-                const float* src = x + (r0 + r) * ldx + i0;
-                v[r] = r >= rows ? f32x16{} : cols == kLanes ? load16(src) : load_part(src, cols);
-            }
-            transpose16(v);
-            for (int64_t c = 0; c < cols; ++c) {
-                float* dst = xt + (i0 + c) * mp + r0;
-                if (lanes == kLanes) store16(dst, v[c]);
-                else store_part(dst, v[c], lanes);
-            }
+            transpose_block(x + r0 * ldx + i0, ldx, rows, cols, xt + i0 * mp + r0, mp, cols, lanes, nullptr);
         }
     }
 }
@@ -152,19 +160,8 @@ SPICE_INLINE void unpack_transposed(const float* yt, int64_t mp, int64_t m, int6
         const int64_t lanes = std::min<int64_t>(kLanes, mp - r0);
         for (int64_t c0 = 0; c0 < cols; c0 += kLanes) {
             const int64_t cc = std::min<int64_t>(kLanes, cols - c0);
-            f32x16 v[kLanes];
-            for (int64_t c = 0; c < kLanes; ++c) {
-                const float* src = yt + (c0 + c) * mp + r0;
-                v[c] = c >= cc ? f32x16{} : lanes == kLanes ? load16(src) : load_part(src, lanes);
-            }
-            transpose16(v);
-            if (cc == kLanes) {
-                const f32x16 b = bias ? load16(bias + c0) : f32x16{};
-                for (int64_t r = 0; r < rows; ++r) store16(y + (r0 + r) * ldy + c0, v[r] + b);
-            } else {
-                const f32x16 b = bias ? load_part(bias + c0, cc) : f32x16{};
-                for (int64_t r = 0; r < rows; ++r) store_part(y + (r0 + r) * ldy + c0, v[r] + b, cc);
-            }
+            const f32x16 b = !bias ? f32x16{} : cc == kLanes ? load16(bias + c0) : load_part(bias + c0, cc);
+            transpose_block(yt + c0 * mp + r0, mp, cc, lanes, y + r0 * ldy + c0, ldy, rows, cc, &b);
         }
     }
 }
