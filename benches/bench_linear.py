@@ -121,6 +121,7 @@ def main() -> None:
 
     kernel_rows = []
     if linear_mod.small_gemm_available():  # the small-row GEMM's two kernels on the same calls
+        kernel_names = {code: name for name, code in linear_mod.SMALL_GEMM_KERNELS.items()}
         for m in [r for r in rows_list if r <= linear_mod.SMALL_GEMM_MAX_ROWS] or [16, 32]:
             for name, (k, n) in SHAPES.items():
                 ws, x = weights(n, k, cold=True), torch.randn(m, k)
@@ -129,7 +130,7 @@ def main() -> None:
                        for kern in ("dot", "broadcast")}  # fmt: skip
                 torch.testing.assert_close(fns["broadcast"]()[0], fns["dot"]()[0], rtol=1e-4, atol=1e-4)
                 t = time_interleaved(fns, warmup=2, repeat=args.repeat)
-                auto = ("auto", "dot", "broadcast")[linear_mod.cpu_ops().small_gemm_auto_kernel(m)]
+                auto = kernel_names[linear_mod.cpu_ops().small_gemm_auto_kernel(m)]
                 kernel_rows.append(
                     [m, name, t["dot"] * 1e3, t["broadcast"] * 1e3, t["dot"] / t["broadcast"], auto]
                 )
