@@ -2,14 +2,17 @@
 
 * Packed mode (training and prefill): the tokens of several sequences of any lengths are
   concatenated into one ``[N, H]`` batch described by ``cu_seqlens``; attention is causal within each
-  sequence. Backends: flash-attn's varlen kernel on a GPU when installed (fp16/bf16), else PyTorch
-  SDPA (one batched call when all sequences have the same length, one call per sequence otherwise).
+  sequence. Backends: flash-attn's varlen kernel on a GPU when installed (fp16/bf16); on the CPU in
+  float32 the C++ tree-attention kernel of ``spice_fast.kernels.tree_attention`` (forward and
+  backward, every sequence a root); else PyTorch SDPA (one batched call when all sequences have the
+  same length, one call per sequence otherwise).
   ``AttentionBatch.shared_prefix`` packs a group of sequences that start with the same tokens as one
   segment, a prefix tree: the prefix once, then each sequence's remainder (a branch) that attends to
   the prefix and causally to itself, never to the other branches; a branch may again be shared (the
   answer-type part of the prompts of a document's samples of one type). A training pass then runs a
-  document shared by G challenger samples once instead of G times; a root runs as a causal sequence
-  and every other node as one SDPA call over its ancestors' keys and its own (a boolean mask of
+  document shared by G challenger samples once instead of G times. On the CPU in float32 the whole
+  batch is one call of the C++ tree-attention kernel; elsewhere a root runs as a causal sequence and
+  every other node as one SDPA call over its ancestors' keys and its own (a boolean mask of
   node x (ancestors + node)).
 * Paged decode mode (sampler): one new token per sequence attends over its KV blocks in a
   ``PagedKVCache``: flash-attn's ``flash_attn_with_kvcache`` on a GPU when installed and the block
@@ -19,7 +22,8 @@
 
 In both modes, when a ``PagedKVCache`` and a ``slot_mapping`` are given, each token's K/V are
 written to its slot of the pool first, so a prefill fills the cache that later decode steps read.
-``set_attention_backend("torch")`` forces the PyTorch paths everywhere (tests, debugging);
+``set_attention_backend("torch")`` forces the PyTorch paths everywhere (tests, debugging; also the
+baseline of ``benches/bench_tree_attention.py``);
 ``"triton"`` forces the Triton decode kernel, also on CPU tensors under ``TRITON_INTERPRET=1``.
 """
 
@@ -27,7 +31,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +39,7 @@ from torch import nn
 
 from spice_fast.kernels.paged_attention import paged_decode_attention as _paged_decode_kernel
 from spice_fast.kernels.paged_attention import paged_decode_attention_cpu, paged_decode_attention_ref
+from spice_fast.kernels.tree_attention import TreePlan, tree_attention, tree_attention_supported, tree_plan
 from spice_fast.model.config import ModelConfig
 from spice_fast.model.layers import Linear, RMSNorm, RotaryEmbedding
 
@@ -114,6 +119,17 @@ class AttentionBatch:
     segments: list[PrefixTree] | None = None  # shared-prefix packing, collapsed trees (see shared_prefix)
     prefix_lens: list[int] | None = None  # packed prefill after cached prompt blocks: tokens before each
     prefix_tables: list[list[int]] | None = None  # blocks of each sequence's cached prefix and new tokens
+    _plan: TreePlan | None = field(default=None, repr=False)  # built on first use, shared by all layers
+
+    def tree_plan(self) -> TreePlan:
+        """The batch as nodes for the tree-attention kernel (packed mode): the segments' trees, or
+        every sequence as a root."""
+        if self._plan is None:
+            if self.segments is not None:
+                self._plan = tree_plan(self.segments)
+            else:
+                self._plan = tree_plan(torch.diff(self.cu_seqlens.cpu()).tolist())
+        return self._plan
 
     @property
     def is_decode(self) -> bool:
@@ -226,6 +242,8 @@ def packed_causal_attention(
     batch: AttentionBatch,
     scale: float,
 ) -> torch.Tensor:  # [N, num_heads, D]
+    if _backend == "auto" and tree_attention_supported(q, k):
+        return tree_attention(q, k, v, batch.tree_plan(), scale)
     if batch.segments is not None:
         return _segment_attention(q, k, v, batch, scale)
     flash = _flash_fn("flash_attn_varlen_func") if _backend == "auto" and q.is_cuda else None
