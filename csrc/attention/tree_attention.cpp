@@ -36,6 +36,8 @@ constexpr int kScoreKeys = 8;      // keys per score micro-tile (x up to 3 heads
 constexpr int kSumDims = 8;        // head dimensions per weighted-sum micro-tile
 constexpr int kRowKeys = 6;        // key rows per gradient micro-tile (x 4 vectors of dims)
 constexpr int kRowVecs = 4;
+// Scores of one head's tile: kKeyTile keys rounded up to both micro-tile widths (see scores, accumulate_rows).
+constexpr int64_t kScoreStride = (kKeyTile + 24) * kLanes;
 constexpr int64_t kMaxGroup = 64;    // query heads per KV head (bounds the per-item state)
 
 // 16 rows (`rows` of them real, the rest zero) of `dim` values at src (row stride ld), times mul,
@@ -84,23 +86,19 @@ SPICE_INLINE void scores_chunk(const float* a, int64_t a_stride, const float* b,
         for (int c = 0; c < KC; ++c) store16(s + n * s_stride + c * kLanes, acc[n][c]);
 }
 
+// scores_chunk over `keys` key rows, 8 at a time; a last partial chunk reads its rows from a copy
+// padded with zeros (`pad`, 8 rows) and writes 8 scores, so s must have room for keys rounded up to 8.
+// One chunk width keeps the instantiations (and the build) small.
 template <int NV>
 SPICE_INLINE void scores(const float* a, int64_t a_stride, const float* b, int64_t ldb, int64_t keys, int64_t dim,
-                         float* s, int64_t s_stride) {
+                         float* s, int64_t s_stride, float* pad) {
     int64_t c = 0;
     for (; c + kScoreKeys <= keys; c += kScoreKeys)
         scores_chunk<NV, kScoreKeys>(a, a_stride, b + c * ldb, ldb, dim, s + c * kLanes, s_stride);
-    b += c * ldb;
-    s += c * kLanes;
-    switch (keys - c) {
-        case 1: scores_chunk<NV, 1>(a, a_stride, b, ldb, dim, s, s_stride); break;
-        case 2: scores_chunk<NV, 2>(a, a_stride, b, ldb, dim, s, s_stride); break;
-        case 3: scores_chunk<NV, 3>(a, a_stride, b, ldb, dim, s, s_stride); break;
-        case 4: scores_chunk<NV, 4>(a, a_stride, b, ldb, dim, s, s_stride); break;
-        case 5: scores_chunk<NV, 5>(a, a_stride, b, ldb, dim, s, s_stride); break;
-        case 6: scores_chunk<NV, 6>(a, a_stride, b, ldb, dim, s, s_stride); break;
-        case 7: scores_chunk<NV, 7>(a, a_stride, b, ldb, dim, s, s_stride); break;
-        default: break;
+    if (c < keys) {
+        std::fill(pad, pad + kScoreKeys * dim, 0.f);
+        for (int64_t j = c; j < keys; ++j) std::memcpy(pad + (j - c) * dim, b + j * ldb, dim * sizeof(float));
+        scores_chunk<NV, kScoreKeys>(a, a_stride, pad, dim, dim, s + c * kLanes, s_stride);
     }
 }
 
@@ -145,54 +143,53 @@ SPICE_INLINE void accumulate_rows_chunk(float* r, int64_t ldr, const float* p, i
         for (int v = 0; v < DV; ++v) store16(r + c * ldr + v * kLanes, load16(r + c * ldr + v * kLanes) + acc[c][v]);
 }
 
-template <int DV>
-SPICE_INLINE void accumulate_rows_keys(float* r, int64_t ldr, const float* p, int64_t p_stride, const float* x,
-                                       int64_t x_stride, int64_t heads, int64_t rows, int64_t dim, int64_t keys) {
-    int64_t c = 0;
-    for (; c + kRowKeys <= keys; c += kRowKeys)
-        accumulate_rows_chunk<kRowKeys, DV>(r + c * ldr, ldr, p + c * kLanes, p_stride, x, x_stride, heads, rows, dim);
-    r += c * ldr;
-    p += c * kLanes;
-    switch (keys - c) {
-        case 1: accumulate_rows_chunk<1, DV>(r, ldr, p, p_stride, x, x_stride, heads, rows, dim); break;
-        case 2: accumulate_rows_chunk<2, DV>(r, ldr, p, p_stride, x, x_stride, heads, rows, dim); break;
-        case 3: accumulate_rows_chunk<3, DV>(r, ldr, p, p_stride, x, x_stride, heads, rows, dim); break;
-        case 4: accumulate_rows_chunk<4, DV>(r, ldr, p, p_stride, x, x_stride, heads, rows, dim); break;
-        case 5: accumulate_rows_chunk<5, DV>(r, ldr, p, p_stride, x, x_stride, heads, rows, dim); break;
-        default: break;
-    }
-}
-
-// accumulate_rows_chunk over all key rows and all dims (kRowVecs vectors of dims at a time).
-SPICE_INLINE void accumulate_rows(float* r, int64_t ldr, const float* p, int64_t p_stride, const float* x,
-                                  int64_t x_stride, int64_t heads, int64_t rows, int64_t dim, int64_t keys) {
-    int64_t d0 = 0;
-    for (; d0 + kRowVecs * kLanes <= dim; d0 += kRowVecs * kLanes)
-        accumulate_rows_keys<kRowVecs>(r + d0, ldr, p, p_stride, x + d0, x_stride, heads, rows, dim, keys);
-    switch ((dim - d0) / kLanes) {
-        case 1: accumulate_rows_keys<1>(r + d0, ldr, p, p_stride, x + d0, x_stride, heads, rows, dim, keys); break;
-        case 2: accumulate_rows_keys<2>(r + d0, ldr, p, p_stride, x + d0, x_stride, heads, rows, dim, keys); break;
-        case 3: accumulate_rows_keys<3>(r + d0, ldr, p, p_stride, x + d0, x_stride, heads, rows, dim, keys); break;
-        default: break;
+// accumulate_rows_chunk over `keys` key rows, kRowKeys at a time (a last partial chunk adds into a
+// zeroed copy, `pad`, whose real rows are then added), and all dims, kRowVecs vectors at a time. p must
+// hold keys rounded up to kRowKeys (the padding keys' values are never used).
+SPICE_CLONES void accumulate_rows(float* r, int64_t ldr, const float* p, int64_t p_stride, const float* x,
+                                  int64_t x_stride, int64_t heads, int64_t rows, int64_t dim, int64_t keys,
+                                  float* pad) {
+    for (int64_t d0 = 0; d0 < dim; d0 += kRowVecs * kLanes) {
+        const int64_t vecs = std::min<int64_t>(kRowVecs, (dim - d0) / kLanes);
+        for (int64_t c = 0; c < keys; c += kRowKeys) {
+            const bool partial = c + kRowKeys > keys;
+            float* out = partial ? pad : r + c * ldr + d0;
+            const int64_t ld = partial ? kRowVecs * kLanes : ldr;
+            if (partial) std::fill(pad, pad + kRowKeys * kRowVecs * kLanes, 0.f);
+            const float* pc = p + c * kLanes;
+            const float* xd = x + d0;
+            switch (vecs) {
+                case 1: accumulate_rows_chunk<kRowKeys, 1>(out, ld, pc, p_stride, xd, x_stride, heads, rows, dim); break;
+                case 2: accumulate_rows_chunk<kRowKeys, 2>(out, ld, pc, p_stride, xd, x_stride, heads, rows, dim); break;
+                case 3: accumulate_rows_chunk<kRowKeys, 3>(out, ld, pc, p_stride, xd, x_stride, heads, rows, dim); break;
+                default: accumulate_rows_chunk<kRowKeys, 4>(out, ld, pc, p_stride, xd, x_stride, heads, rows, dim); break;
+            }
+            if (partial)
+                for (int64_t j = c; j < keys; ++j)
+                    for (int64_t v = 0; v < vecs; ++v) {
+                        float* dst = r + j * ldr + d0 + v * kLanes;
+                        store16(dst, load16(dst) + load16(pad + (j - c) * kRowVecs * kLanes + v * kLanes));
+                    }
+        }
     }
 }
 
 // scores<NV> and accumulate_transposed<NV> over a group's heads, in runs of up to 3 heads (24
 // accumulators per micro-tile); `a` and `o` hold one transposed block per head, `stride` apart.
-SPICE_INLINE void scores_heads(int64_t group, const float* a, int64_t stride, const float* b, int64_t ldb,
-                               int64_t keys, int64_t dim, float* s, int64_t s_stride) {
+SPICE_CLONES void scores_heads(int64_t group, const float* a, int64_t stride, const float* b, int64_t ldb,
+                               int64_t keys, int64_t dim, float* s, int64_t s_stride, float* pad) {
     for (int64_t g = 0; g < group;) {
         const float* ag = a + g * stride;
         float* sg = s + g * s_stride;
         switch (std::min<int64_t>(group - g, 3)) {
-            case 1: scores<1>(ag, stride, b, ldb, keys, dim, sg, s_stride); g += 1; break;
-            case 2: scores<2>(ag, stride, b, ldb, keys, dim, sg, s_stride); g += 2; break;
-            default: scores<3>(ag, stride, b, ldb, keys, dim, sg, s_stride); g += 3; break;
+            case 1: scores<1>(ag, stride, b, ldb, keys, dim, sg, s_stride, pad); g += 1; break;
+            case 2: scores<2>(ag, stride, b, ldb, keys, dim, sg, s_stride, pad); g += 2; break;
+            default: scores<3>(ag, stride, b, ldb, keys, dim, sg, s_stride, pad); g += 3; break;
         }
     }
 }
 
-SPICE_INLINE void accumulate_transposed_heads(int64_t group, float* o, int64_t stride, const f32x16* alpha,
+SPICE_CLONES void accumulate_transposed_heads(int64_t group, float* o, int64_t stride, const f32x16* alpha,
                                               const float* p, int64_t p_stride, const float* b, int64_t ldb,
                                               int64_t keys, int64_t dim) {
     for (int64_t g = 0; g < group;) {
@@ -236,13 +233,14 @@ void tiles_of(const TreeArgs& a, const Item& it, std::vector<Tile>& tiles) {
 
 // Per-thread scratch of one item: its rows transposed and as rows, the accumulators, a tile of scores.
 struct Scratch {
-    std::vector<float> qt, acc, s, ds, qn, dot, don, run_max, run_sum, lse, di;
+    std::vector<float> qt, acc, s, ds, qn, dot, don, run_max, run_sum, lse, di, pad;
     std::vector<Tile> tiles;
     explicit Scratch(const TreeArgs& a, bool backward) {
         const int64_t group = a.num_heads / a.num_kv_heads, rows_t = group * a.head_dim * kLanes;
         qt.resize(rows_t);
         acc.resize(rows_t);
-        s.resize(group * kKeyTile * kLanes);
+        s.resize(group * kScoreStride);
+        pad.resize(std::max<int64_t>(kScoreKeys * a.head_dim, kRowKeys * kRowVecs * kLanes));
         run_max.resize(group * kLanes);
         run_sum.resize(group * kLanes);
         if (backward) {
@@ -282,7 +280,7 @@ SPICE_CLONES void forward_item(const TreeArgs* ap, const Item* itp, Scratch* wp,
     const int64_t dim = a.head_dim, heads = a.num_heads, group = heads / a.num_kv_heads;
     const int64_t* node = a.nodes + it.node * 4;
     const int64_t rows = std::min(kRows, node[1] - it.first_row), q0 = node[0] + it.first_row;
-    const int64_t h0 = it.kv_head * group, t_stride = dim * kLanes, s_stride = kKeyTile * kLanes;
+    const int64_t h0 = it.kv_head * group, t_stride = dim * kLanes, s_stride = kScoreStride;
     const int64_t ldk = a.num_kv_heads * dim;
     for (int64_t g = 0; g < group; ++g)
         pack_transposed(a.q + (q0 * heads + h0 + g) * dim, heads * dim, rows, dim, a.scale, w.qt.data() + g * t_stride);
@@ -293,7 +291,7 @@ SPICE_CLONES void forward_item(const TreeArgs* ap, const Item* itp, Scratch* wp,
     tiles_of(a, it, w.tiles);
     for (const Tile& t : w.tiles) {
         const int64_t at = t.first * ldk + it.kv_head * dim;
-        scores_heads(group, w.qt.data(), t_stride, a.k + at, ldk, t.keys, dim, w.s.data(), s_stride);
+        scores_heads(group, w.qt.data(), t_stride, a.k + at, ldk, t.keys, dim, w.s.data(), s_stride, w.pad.data());
         if (t.causal) mask_tile(w.s.data(), s_stride, group, t, kLanes);
         for (int64_t g = 0; g < group; ++g) {  // online softmax, lane-wise
             float* s = w.s.data() + g * s_stride;
@@ -330,7 +328,7 @@ SPICE_CLONES void backward_item(const TreeArgs* ap, const Item* itp, Scratch* wp
     const int64_t dim = a.head_dim, heads = a.num_heads, group = heads / a.num_kv_heads;
     const int64_t* node = a.nodes + it.node * 4;
     const int64_t rows = std::min(kRows, node[1] - it.first_row), q0 = node[0] + it.first_row;
-    const int64_t h0 = it.kv_head * group, t_stride = dim * kLanes, s_stride = kKeyTile * kLanes;
+    const int64_t h0 = it.kv_head * group, t_stride = dim * kLanes, s_stride = kScoreStride;
     const int64_t ldk = a.num_kv_heads * dim, ldq = heads * dim;
     for (int64_t g = 0; g < group; ++g) {
         const int64_t at = (q0 * heads + h0 + g) * dim;
@@ -356,8 +354,9 @@ SPICE_CLONES void backward_item(const TreeArgs* ap, const Item* itp, Scratch* wp
     tiles_of(a, it, w.tiles);
     for (const Tile& t : w.tiles) {
         const int64_t at = t.first * ldk + it.kv_head * dim;
-        scores_heads(group, w.qt.data(), t_stride, a.k + at, ldk, t.keys, dim, w.s.data(), s_stride);
-        scores_heads(group, w.dot.data(), t_stride, a.v + at, ldk, t.keys, dim, w.ds.data(), s_stride);  // dP
+        scores_heads(group, w.qt.data(), t_stride, a.k + at, ldk, t.keys, dim, w.s.data(), s_stride, w.pad.data());
+        scores_heads(group, w.dot.data(), t_stride, a.v + at, ldk, t.keys, dim, w.ds.data(), s_stride,
+                     w.pad.data());  // dP
         if (t.causal || rows < kLanes) mask_tile(w.s.data(), s_stride, group, t, rows);
         for (int64_t g = 0; g < group; ++g) {  // P = e^(S - lse), dS = P * (dP - rowsum(dO * O))
             float* s = w.s.data() + g * s_stride;
@@ -369,8 +368,10 @@ SPICE_CLONES void backward_item(const TreeArgs* ap, const Item* itp, Scratch* wp
                 store16(ds + c * kLanes, p * (load16(ds + c * kLanes) - d));
             }
         }
-        accumulate_rows(dv + at, ldk, w.s.data(), s_stride, w.don.data(), t_stride, group, rows, dim, t.keys);
-        accumulate_rows(dk + at, ldk, w.ds.data(), s_stride, w.qn.data(), t_stride, group, rows, dim, t.keys);
+        accumulate_rows(dv + at, ldk, w.s.data(), s_stride, w.don.data(), t_stride, group, rows, dim, t.keys,
+                        w.pad.data());
+        accumulate_rows(dk + at, ldk, w.ds.data(), s_stride, w.qn.data(), t_stride, group, rows, dim, t.keys,
+                        w.pad.data());
         accumulate_transposed_heads(group, w.acc.data(), t_stride, one, w.ds.data(), s_stride, a.k + at, ldk, t.keys,
                                     dim);
     }
