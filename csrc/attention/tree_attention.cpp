@@ -158,11 +158,12 @@ SPICE_CLONES void accumulate_rows(float* r, int64_t ldr, const float* p, int64_t
             if (partial) std::fill(pad, pad + kRowKeys * kRowVecs * kLanes, 0.f);
             const float* pc = p + c * kLanes;
             const float* xd = x + d0;
+            const int64_t xs = x_stride;
             switch (vecs) {
-                case 1: accumulate_rows_chunk<kRowKeys, 1>(out, ld, pc, p_stride, xd, x_stride, heads, rows, dim); break;
-                case 2: accumulate_rows_chunk<kRowKeys, 2>(out, ld, pc, p_stride, xd, x_stride, heads, rows, dim); break;
-                case 3: accumulate_rows_chunk<kRowKeys, 3>(out, ld, pc, p_stride, xd, x_stride, heads, rows, dim); break;
-                default: accumulate_rows_chunk<kRowKeys, 4>(out, ld, pc, p_stride, xd, x_stride, heads, rows, dim); break;
+                case 1: accumulate_rows_chunk<kRowKeys, 1>(out, ld, pc, p_stride, xd, xs, heads, rows, dim); break;
+                case 2: accumulate_rows_chunk<kRowKeys, 2>(out, ld, pc, p_stride, xd, xs, heads, rows, dim); break;
+                case 3: accumulate_rows_chunk<kRowKeys, 3>(out, ld, pc, p_stride, xd, xs, heads, rows, dim); break;
+                default: accumulate_rows_chunk<kRowKeys, 4>(out, ld, pc, p_stride, xd, xs, heads, rows, dim); break;
             }
             if (partial)
                 for (int64_t j = c; j < keys; ++j)
@@ -222,7 +223,8 @@ void tiles_of(const TreeArgs& a, const Item& it, std::vector<Tile>& tiles) {
     const int64_t* node = a.nodes + it.node * 4;
     for (int64_t r = node[2]; r < node[3]; ++r) {
         const int64_t first = a.ranges[2 * r], count = a.ranges[2 * r + 1];
-        for (int64_t j = 0; j < count; j += kKeyTile) tiles.push_back({first + j, std::min(kKeyTile, count - j), false, 0});
+        for (int64_t j = 0; j < count; j += kKeyTile)
+            tiles.push_back({first + j, std::min(kKeyTile, count - j), false, 0});
     }
     const int64_t own = std::min(node[1], it.first_row + kRows);
     for (int64_t j = 0; j < own; j += kKeyTile) {
@@ -423,7 +425,8 @@ void check_tree_args(const TreeArgs& a) {
                                         std::to_string(node[3]) + ") are not within the " +
                                         std::to_string(a.num_ranges) + " ranges");
         for (int64_t t = node[0]; t < node[0] + node[1]; ++t) {
-            if (seen[t]) throw std::invalid_argument(node_text(n) + ": token " + std::to_string(t) + " is in two nodes");
+            if (seen[t])
+                throw std::invalid_argument(node_text(n) + ": token " + std::to_string(t) + " is in two nodes");
             seen[t] = 1;
         }
         covered += node[1];
@@ -463,8 +466,8 @@ void tree_attention_backward(const TreeArgs& a, const float* out, const float* l
     for (int64_t c : cost) total += c;
     for (int64_t i = 0; i < static_cast<int64_t>(items.size()); ++i) {
         sum += cost[i];
-        if (sum * threads >= total * static_cast<int64_t>(bounds.size()) && static_cast<int64_t>(bounds.size()) < threads)
-            bounds.push_back(i + 1);
+        const int64_t cuts = static_cast<int64_t>(bounds.size());  // run `cuts` starts once its share is done
+        if (cuts < threads && sum * threads >= total * cuts) bounds.push_back(i + 1);
     }
     while (static_cast<int64_t>(bounds.size()) <= threads) bounds.push_back(static_cast<int64_t>(items.size()));
     const int64_t kv_size = a.num_tokens * a.num_kv_heads * a.head_dim;
