@@ -180,3 +180,9 @@ def test_model_uses_the_kernel_and_matches_sdpa(arch, overrides, monkeypatch):
         ):
             assert_error_rule(a, t, e, tiny=1e-5 * e.abs().max().item(), name=f"tensor {i}")
     assert len(calls) == 2 * hf.config.num_hidden_layers  # every layer of both batches, the kernel run only
+    monkeypatch.setenv("SPICE_FAST_TREE_ATTENTION", "torch")
+    ours_from_hf(hf).forward_hidden(ids, batch)
+    assert len(calls) == 2 * hf.config.num_hidden_layers  # the switch keeps the SDPA paths
+    monkeypatch.setenv("SPICE_FAST_TREE_ATTENTION", "cpp")
+    with pytest.raises(ValueError, match="SPICE_FAST_TREE_ATTENTION must be"):
+        ours_from_hf(hf).forward_hidden(ids, batch)

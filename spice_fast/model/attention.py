@@ -23,7 +23,8 @@
 In both modes, when a ``PagedKVCache`` and a ``slot_mapping`` are given, each token's K/V are
 written to its slot of the pool first, so a prefill fills the cache that later decode steps read.
 ``set_attention_backend("torch")`` forces the PyTorch paths everywhere (tests, debugging; also the
-baseline of ``benches/bench_tree_attention.py``);
+baseline of ``benches/bench_tree_attention.py``), ``SPICE_FAST_TREE_ATTENTION=torch`` only in packed
+mode;
 ``"triton"`` forces the Triton decode kernel, also on CPU tensors under ``TRITON_INTERPRET=1``.
 """
 
@@ -242,7 +243,7 @@ def packed_causal_attention(
     batch: AttentionBatch,
     scale: float,
 ) -> torch.Tensor:  # [N, num_heads, D]
-    if _backend == "auto" and tree_attention_supported(q, k):
+    if _tree_kernel_applies(q, k):
         return tree_attention(q, k, v, batch.tree_plan(), scale)
     if batch.segments is not None:
         return _segment_attention(q, k, v, batch, scale)
@@ -262,6 +263,15 @@ def packed_causal_attention(
         for s, e in zip(bounds[:-1], bounds[1:], strict=True)
     ]
     return torch.cat(outs, dim=0)
+
+
+def _tree_kernel_applies(q: torch.Tensor, k: torch.Tensor) -> bool:
+    """The C++ tree-attention kernel runs unless the backend is forced or
+    ``SPICE_FAST_TREE_ATTENTION=torch`` says so (float32 CPU tensors, head_dim a multiple of 16)."""
+    choice = os.environ.get("SPICE_FAST_TREE_ATTENTION", "auto").lower()
+    if choice not in ("auto", "torch"):
+        raise ValueError(f"SPICE_FAST_TREE_ATTENTION must be 'auto' or 'torch', got {choice!r}")
+    return _backend == "auto" and choice == "auto" and tree_attention_supported(q, k)
 
 
 def _segment_attention(q, k, v, batch: AttentionBatch, scale: float) -> torch.Tensor:
