@@ -331,6 +331,33 @@ def test_crash_inside_a_checkpoint_then_resume_equals_uninterrupted(
     assert [p.name for _, p in ckpt.list_checkpoints(crashed)] == ["step-000002", "step-000003"]  # keep=2
 
 
+def test_a_failed_checkpoint_write_is_cleaned_up_logged_and_raised_at_the_end(
+    tmp_path, model_dir, fake_judge, monkeypatch, caplog
+):
+    """A full disk: the periodic checkpoint of step 2 fails (logged, training goes on), the final one of
+    step 3 fails (raised). Neither leaves a partial directory; step 1 stays the latest."""
+    real_save = torch.save
+
+    def full_disk(obj, path, *args, **kwargs):
+        if "step-000001" not in str(path):
+            with open(path, "wb") as f:
+                f.write(b"PK\x03\x04 half")
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos")
+        return real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(ckpt.torch, "save", full_disk)
+    run = tmp_path / "full"
+    trainer = Trainer(run_config(tmp_path, model_dir, "full", "steps=3", "checkpoint_every=1"))
+    with pytest.raises(
+        ckpt.CheckpointWriteError, match="could not write checkpoint step-000003.*step-000001, is intact"
+    ):
+        trainer.train()
+    assert "step 2: could not write checkpoint step-000002" in caplog.text
+    assert [r["step"] for r in read_metrics(run)] == [1, 2, 3]  # training went on after step 2's failure
+    assert ckpt.latest_checkpoint(run).name == "step-000001"
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["latest", "step-000001"]
+
+
 def test_ctrl_c_writes_a_checkpoint_of_the_last_finished_step(tmp_path, model_dir, fake_judge, monkeypatch):
     config = run_config(tmp_path, model_dir, "interrupted", "steps=3")
     trainer = Trainer(config)

@@ -8,6 +8,8 @@ names the newest complete one.
 A checkpoint is built in a hidden ``.step-N.partial`` directory and renamed into place only when every
 file is written and fsynced; ``latest`` is replaced by ``os.replace``. A crash at any point leaves the
 previous checkpoint intact and ``latest`` pointing at it; the partial directory is removed on resume.
+A write that fails (disk full, permissions: ``OSError`` or torch's ``RuntimeError``) removes its partial
+directory at once and raises ``CheckpointWriteError``, which names the cause and the last complete one.
 ``trainer_state.pt`` is read with ``torch.load(weights_only=True)``: no pickled code is ever run.
 Tested by tests/test_train.py (crash inside a checkpoint, then resume).
 """
@@ -27,6 +29,10 @@ from spice_fast.weights.safetensors_io import fsync_dir, fsync_tree
 
 STATE_FILE = "trainer_state.pt"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written; its partial directory is gone, earlier checkpoints are intact."""
 
 
 def checkpoint_root(run_dir: str | Path) -> Path:
@@ -52,11 +58,17 @@ def save_checkpoint(
     partial = root / f".step-{step:06d}.partial"
     if partial.exists():
         shutil.rmtree(partial)
-    save_model(model, tokenizer, partial, state_dict=model_state)
-    tmp_state = partial / (STATE_FILE + ".tmp")
-    torch.save(state, tmp_state)
-    os.replace(tmp_state, partial / STATE_FILE)
-    fsync_tree(partial)
+    try:
+        save_model(model, tokenizer, partial, state_dict=model_state)
+        tmp_state = partial / (STATE_FILE + ".tmp")
+        torch.save(state, tmp_state)
+        os.replace(tmp_state, partial / STATE_FILE)
+        fsync_tree(partial)
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+        shutil.rmtree(partial, ignore_errors=True)  # do not leave half a checkpoint filling the disk
+        previous = latest_checkpoint(run_dir)
+        kept = f"the last complete one, {previous}, is intact" if previous else "there is no earlier one"
+        raise CheckpointWriteError(f"could not write checkpoint {final.name} ({e}); {kept}") from e
     if final.exists():  # the same step saved again (a resumed run): the new one replaces it
         shutil.rmtree(final)
     partial.rename(final)

@@ -174,17 +174,28 @@ class Trainer:
         """The whole model's parameters (FSDP2 shards gathered: every rank calls it)."""
         return {name: full_tensor(t) for name, t in self.model.state_dict().items()}
 
-    def save(self, step: int) -> Path:
-        """Rank 0 writes; the others wait until the checkpoint is complete."""
+    def save(self, step: int, final: bool = True) -> Path | None:
+        """Rank 0 writes; the others wait until the checkpoint is complete. A write that fails
+        (``CheckpointWriteError``: disk full, permissions) is raised when ``final``; otherwise it is logged
+        and training goes on (the next checkpoint tries again) and None is returned."""
         path = ckpt.checkpoint_root(self.run_dir) / f"step-{step:06d}"
         state = self.state_dict(step)  # every rank: a sharded optimizer gathers its state to rank 0
         weights = self.model_state_dict() if self.sharding is not None else None
+        error = None
         if self.ctx.is_main:
             keep = self.config.keep_checkpoints
-            path = ckpt.save_checkpoint(
-                self.run_dir, step, self.model, self.tokenizer, state, keep=keep, model_state=weights
-            )
-        barrier(self.ctx)
+            try:
+                path = ckpt.save_checkpoint(
+                    self.run_dir, step, self.model, self.tokenizer, state, keep=keep, model_state=weights
+                )
+            except ckpt.CheckpointWriteError as e:
+                error = e
+        barrier(self.ctx)  # every rank gets here, also when rank 0's write failed
+        if error is not None:
+            if final:
+                raise error
+            logger.error("step %d: %s; training goes on, the next checkpoint tries again", step, error)
+            return None
         return path
 
     # ---- loop ----
@@ -239,8 +250,8 @@ class Trainer:
                 if c.progress and self.ctx.is_main:
                     bar.write(console_line(step, c.steps, metrics))
                 if (c.checkpoint_every and step % c.checkpoint_every == 0) or step == c.steps:
-                    self.save(step)
-                    saved = step
+                    if self.save(step, final=step == c.steps) is not None:
+                        saved = step
         except KeyboardInterrupt:
             if done > saved and not self.ctx.enabled:  # other ranks may be gone: no collective save
                 logger.warning("interrupted: writing a checkpoint of step %d", done)
