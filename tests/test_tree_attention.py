@@ -144,7 +144,8 @@ def test_bad_inputs_name_the_problem():
 ])  # fmt: skip
 def test_model_uses_the_kernel_and_matches_sdpa(arch, overrides, monkeypatch):
     """A training pass over a prefix-tree batch and a plain packed batch: hidden states and every
-    parameter's gradient through the kernel against the SDPA paths (float64 truth, float32 torch)."""
+    parameter's gradient through the kernel against the SDPA paths (float64 truth, float32 torch), and
+    with gradient checkpointing (the same bits)."""
     from tiny_models import VOCAB, hf_model, ours_from_hf
 
     from spice_fast.model import AttentionBatch, set_attention_backend
@@ -164,9 +165,11 @@ def test_model_uses_the_kernel_and_matches_sdpa(arch, overrides, monkeypatch):
         ids = torch.randint(0, VOCAB, (batch.positions.numel(),), generator=gen)
         weight = torch.randn(ids.numel(), hf.config.hidden_size, generator=gen)
         results = {}
-        for name, dtype, backend in (("truth", torch.float64, "torch"), ("torch32", torch.float32, "torch"),
-                                     ("kernel", torch.float32, "auto")):  # fmt: skip
+        runs = (("truth", torch.float64, "torch"), ("torch32", torch.float32, "torch"),
+                ("kernel", torch.float32, "auto"), ("recompute", torch.float32, "auto"))  # fmt: skip
+        for name, dtype, backend in runs:
             model = ours_from_hf(hf).to(dtype).train()
+            model.gradient_checkpointing = name == "recompute"  # the kernel's forward runs again in backward
             set_attention_backend(backend)
             try:
                 hidden = model.forward_hidden(ids, batch)
@@ -179,10 +182,13 @@ def test_model_uses_the_kernel_and_matches_sdpa(arch, overrides, monkeypatch):
             zip(results["kernel"], results["torch32"], results["truth"], strict=True)
         ):
             assert_error_rule(a, t, e, tiny=1e-5 * e.abs().max().item(), name=f"tensor {i}")
-    assert len(calls) == 2 * hf.config.num_hidden_layers  # every layer of both batches, the kernel run only
+        for a, b in zip(results["recompute"], results["kernel"], strict=True):
+            assert torch.equal(a, b)
+    # every layer of both batches, the kernel runs only: once, and twice with recomputation
+    assert len(calls) == 2 * 3 * hf.config.num_hidden_layers
     monkeypatch.setenv("SPICE_FAST_TREE_ATTENTION", "torch")
     ours_from_hf(hf).forward_hidden(ids, batch)
-    assert len(calls) == 2 * hf.config.num_hidden_layers  # the switch keeps the SDPA paths
+    assert len(calls) == 2 * 3 * hf.config.num_hidden_layers  # the switch keeps the SDPA paths
     monkeypatch.setenv("SPICE_FAST_TREE_ATTENTION", "cpp")
     with pytest.raises(ValueError, match="SPICE_FAST_TREE_ATTENTION must be"):
         ours_from_hf(hf).forward_hidden(ids, batch)
