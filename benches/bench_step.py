@@ -49,7 +49,8 @@ again.
 Target: the whole iteration at least 3x faster than the common way on the 2-core CPU. The bench
 prints whether it was met in this run.
 
-    python benches/bench_step.py                                         # defaults: B=2, G=K=4, 48 tokens
+    python benches/bench_step.py                         # the embedded default: B=2, G=K=4, 128 tokens
+    python benches/bench_step.py --max-doc-tokens 120 --max-tokens 48    # shorter (the defaults to 11/2026)
     python benches/bench_step.py --num-docs 1 -G 2 -K 2 --max-tokens 16  # quick check
 """
 
@@ -490,8 +491,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--num-docs", type=int, default=2, help="B: documents per iteration")
     parser.add_argument("-G", type=int, default=4, help="challenger samples per document")
     parser.add_argument("-K", type=int, default=4, help="reasoner samples per question")
-    parser.add_argument("--max-tokens", type=int, default=48, help="new tokens of every completion")
-    parser.add_argument("--max-doc-tokens", type=int, default=120)
+    # defaults: the lengths of the trainer's default preset, cpu-tiny (the embedded default run)
+    parser.add_argument("--max-tokens", type=int, default=128, help="new tokens of every completion")
+    parser.add_argument("--max-doc-tokens", type=int, default=200)
     parser.add_argument("--reasoner-questions", choices=("one", "all"), default="one")
     parser.add_argument("--old-logprobs", choices=("sampler", "recompute"), default="sampler",
                         help="old logprobs: the sampler's (the common way: TRL's default, the current ones "
