@@ -25,9 +25,6 @@ import torch
 
 from .paged_attention import _cpu_ext, cpu_kernel_available
 
-# A node of a prefix tree: (length, [children]); a child is a leaf length or a subtree.
-Tree = "int | tuple[int, list[Tree]]"
-
 _MIN_WORK_PER_THREAD = 1 << 21  # multiply-adds: below this one thread finishes sooner
 
 
@@ -114,13 +111,20 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: TreePlan) ->
         raise ValueError(f"num_heads {q.shape[1]} must be a multiple of num_kv_heads {k.shape[1]}")
     if q.shape[0] != plan.num_tokens:
         raise ValueError(f"the plan covers {plan.num_tokens} tokens, q has {q.shape[0]}")
+    for name, t, width in (("nodes", plan.nodes, 4), ("ranges", plan.ranges, 2)):
+        ok = t.dtype == torch.int64 and t.device.type == "cpu" and t.is_contiguous()
+        if not ok or t.dim() != 2 or t.shape[1] != width:
+            raise ValueError(
+                f"plan.{name} must be a contiguous int64 CPU tensor [n, {width}] (see tree_plan), "
+                f"got {t.dtype} {tuple(t.shape)} on {t.device}"
+            )
 
 
 def tree_attention_supported(q: torch.Tensor, k: torch.Tensor) -> bool:
     """Whether ``tree_attention`` takes these tensors: float32 on the CPU, head_dim a multiple of 16, at
     most 64 query heads per KV head, and the extension built."""
     return (
-        not q.is_cuda
+        q.device.type == k.device.type == "cpu"
         and q.dtype == k.dtype == torch.float32
         and q.shape[-1] % 16 == 0
         and q.shape[1] // max(k.shape[1], 1) <= 64
@@ -175,7 +179,7 @@ def tree_attention(
     """The C++ kernel (differentiable). ``num_threads``: default torch's intra-op count, one thread for
     small work."""
     _check(q, k, v, plan)
-    if not tree_attention_supported(q, k) or v.dtype != torch.float32 or v.is_cuda or k.is_cuda:
+    if not tree_attention_supported(q, k) or v.dtype != torch.float32 or v.device.type != "cpu":
         raise ValueError(
             "tree_attention takes float32 CPU tensors with head_dim a multiple of 16 and a built extension; "
             f"got {q.dtype} q on {q.device}, head_dim {q.shape[-1]} (use tree_attention_ref otherwise)"

@@ -6,6 +6,8 @@ Odd trees: single tokens, empty nodes, chains, nodes longer than a key tile (64)
 rest), head_dim 16 to 128, one and two threads.
 """
 
+import dataclasses
+
 import pytest
 import torch
 from helpers import assert_close, assert_error_rule
@@ -114,6 +116,10 @@ def test_bad_inputs_name_the_problem():
         tree_attention(q[..., :8], k[..., :8], v[..., :8], plan, 0.25)
     with pytest.raises(ValueError, match="num_threads"):
         tree_attention(q, k, v, plan, 0.25, num_threads=0)
+    with pytest.raises(ValueError, match="plan.nodes must be a contiguous int64"):
+        tree_attention(q, k, v, dataclasses.replace(plan, nodes=plan.nodes.int()), 0.25)
+    with pytest.raises(ValueError, match="plan.ranges must be a contiguous int64"):
+        tree_attention(q, k, v, dataclasses.replace(plan, ranges=plan.ranges.reshape(-1)), 0.25)
     from spice_fast import _cpu_attention
 
     def call(nodes, ranges):
