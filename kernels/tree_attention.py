@@ -48,12 +48,14 @@ class TreePlan:
         return mask
 
 
-def _as_node(node) -> tuple[int, list]:
+def tree_node(node, what: str = "tree node") -> tuple[int, list]:
+    """One node of a prefix tree as (length, children), a leaf length as (n, []); ``ValueError``
+    naming ``what`` when it is neither a length >= 0 nor (length, [children])."""
     if isinstance(node, int) and not isinstance(node, bool):
         node = (node, [])
     ok = isinstance(node, tuple | list) and len(node) == 2 and isinstance(node[0], int) and node[0] >= 0
     if not ok or not isinstance(node[1], list | tuple):
-        raise ValueError(f"bad tree node: {node!r} is not a length >= 0 or (length, [children])")
+        raise ValueError(f"bad {what}: {node!r} is not a length >= 0 or (length, [children])")
     return node[0], list(node[1])
 
 
@@ -65,7 +67,7 @@ def tree_plan(trees: list) -> TreePlan:
     stack = [(tree, ()) for tree in reversed(trees)]  # (node, ancestors' (start, length))
     while stack:
         node, ancestors = stack.pop()
-        length, children = _as_node(node)
+        length, children = tree_node(node)
         start, offset = offset, offset + length
         if length:
             nodes.append((start, length, len(ranges), len(ranges) + len(ancestors)))

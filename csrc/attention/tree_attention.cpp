@@ -273,16 +273,27 @@ SPICE_INLINE void mask_tile(float* s, int64_t s_stride, int64_t group, const Til
     }
 }
 
+// Where an item's query rows are: the GQA group size, its real rows (up to 16), its first token and
+// its first query head.
+struct ItemRows {
+    int64_t group, rows, q0, h0;
+};
+
+SPICE_INLINE ItemRows rows_of(const TreeArgs& a, const Item& it) {
+    const int64_t group = a.num_heads / a.num_kv_heads;
+    const int64_t* node = a.nodes + it.node * 4;
+    return {group, std::min(kRows, node[1] - it.first_row), node[0] + it.first_row, it.kv_head * group};
+}
+
 SPICE_INLINE f32x16 vmax(f32x16 a, f32x16 b) { return a > b ? a : b; }
 
 SPICE_CLONES void forward_item(const TreeArgs* ap, const Item* itp, Scratch* wp, float* out, float* lse) {
     const TreeArgs& a = *ap;
     const Item& it = *itp;
     Scratch& w = *wp;
-    const int64_t dim = a.head_dim, heads = a.num_heads, group = heads / a.num_kv_heads;
-    const int64_t* node = a.nodes + it.node * 4;
-    const int64_t rows = std::min(kRows, node[1] - it.first_row), q0 = node[0] + it.first_row;
-    const int64_t h0 = it.kv_head * group, t_stride = dim * kLanes, s_stride = kScoreStride;
+    const ItemRows r = rows_of(a, it);
+    const int64_t dim = a.head_dim, heads = a.num_heads, group = r.group, rows = r.rows, q0 = r.q0, h0 = r.h0;
+    const int64_t t_stride = dim * kLanes, s_stride = kScoreStride;
     const int64_t ldk = a.num_kv_heads * dim;
     for (int64_t g = 0; g < group; ++g)
         pack_transposed(a.q + (q0 * heads + h0 + g) * dim, heads * dim, rows, dim, a.scale, w.qt.data() + g * t_stride);
@@ -327,10 +338,9 @@ SPICE_CLONES void backward_item(const TreeArgs* ap, const Item* itp, Scratch* wp
     const TreeArgs& a = *ap;
     const Item& it = *itp;
     Scratch& w = *wp;
-    const int64_t dim = a.head_dim, heads = a.num_heads, group = heads / a.num_kv_heads;
-    const int64_t* node = a.nodes + it.node * 4;
-    const int64_t rows = std::min(kRows, node[1] - it.first_row), q0 = node[0] + it.first_row;
-    const int64_t h0 = it.kv_head * group, t_stride = dim * kLanes, s_stride = kScoreStride;
+    const ItemRows r = rows_of(a, it);
+    const int64_t dim = a.head_dim, heads = a.num_heads, group = r.group, rows = r.rows, q0 = r.q0, h0 = r.h0;
+    const int64_t t_stride = dim * kLanes, s_stride = kScoreStride;
     const int64_t ldk = a.num_kv_heads * dim, ldq = heads * dim;
     for (int64_t g = 0; g < group; ++g) {
         const int64_t at = (q0 * heads + h0 + g) * dim;

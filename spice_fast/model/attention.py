@@ -40,7 +40,13 @@ from torch import nn
 
 from spice_fast.kernels.paged_attention import paged_decode_attention as _paged_decode_kernel
 from spice_fast.kernels.paged_attention import paged_decode_attention_cpu, paged_decode_attention_ref
-from spice_fast.kernels.tree_attention import TreePlan, tree_attention, tree_attention_supported, tree_plan
+from spice_fast.kernels.tree_attention import (
+    TreePlan,
+    tree_attention,
+    tree_attention_supported,
+    tree_node,
+    tree_plan,
+)
 from spice_fast.model.config import ModelConfig
 from spice_fast.model.layers import Linear, RMSNorm, RotaryEmbedding
 
@@ -79,12 +85,8 @@ PrefixTree = tuple[int, list["int | PrefixTree"]]
 
 def _check_tree(node) -> tuple[int, list]:
     """``node`` as nested (length, [children]) tuples, leaves as (n, []); a clear error if malformed."""
-    if isinstance(node, int) and not isinstance(node, bool):
-        node = (node, [])
-    ok = isinstance(node, tuple | list) and len(node) == 2 and isinstance(node[0], int) and node[0] >= 0
-    if not ok or not isinstance(node[1], list | tuple):
-        raise ValueError(f"bad segment: {node!r} is not a length >= 0 or (length, [children])")
-    return (node[0], [_check_tree(child) for child in node[1]])
+    length, children = tree_node(node, "segment")
+    return (length, [_check_tree(child) for child in children])
 
 
 def _tree_tokens(node) -> int:
