@@ -207,6 +207,28 @@ def test_prefix_cache_reuses_a_shared_document_across_requests():
             assert_close(torch.tensor(cx.logprobs), expected, atol=1e-4)
 
 
+def test_prefix_cache_defers_a_prompt_whose_blocks_are_being_prefilled():
+    """Prompts that share more than the cached blocks with a prompt prefilled in the same step wait
+    for it: every document (after a common system prompt) is prefilled once, however the requests of
+    several documents are interleaved."""
+    model = ours_from_hf(hf_model("llama", tied=True))
+    system, doc_a, doc_b, x, y = prompts_of([20, 40, 35, 5, 7], seed=11)
+    prompts = [system + doc_a + x, system + doc_b + x, system + doc_a + y, system + doc_b + y]
+    params = SamplingParams(n=2, temperature=0.9, max_tokens=6, seed=5, ignore_eos=True)
+    cached = Engine(model, max_num_seqs=16, max_model_len=128, block_size=8)
+    plain = Engine(model, max_num_seqs=16, max_model_len=128, block_size=8, enable_prefix_caching=False)
+    outs = cached.generate(prompts, params)
+    # full blocks of 8: the system prompt's 2 (16 of 20 tokens), system + doc_a's 7 (56 of 60 tokens),
+    # system + doc_b's 6 (48 of 55): the second document's prompts find the system prompt, the later
+    # ones their whole document
+    assert cached.stats.num_cached_prompt_tokens == 16 + 56 + 48
+    assert cached.stats.num_prefill_tokens == sum(map(len, prompts)) - (16 + 56 + 48)
+    assert [[c.token_ids for c in o.outputs] for o in outs] == [
+        [c.token_ids for c in o.outputs] for o in plain.generate(prompts, params)
+    ]
+    assert cached.pool.num_used == 0
+
+
 def test_prefix_cache_gives_way_when_the_pool_is_short():
     model = ours_from_hf(hf_model("qwen3", tied=True))
     engine = Engine(

@@ -245,13 +245,13 @@ class Engine:
         """Take groups from the front of the queue while their prompt blocks and slots are free."""
         admitted, budget, free = [], self.max_num_batched_tokens, self.pool.num_free
         num_running = len(running)
-        first_blocks = set()  # first prompt block of each admitted group
+        computed: set[tuple[int, ...]] = set()  # prompt prefixes (whole blocks) this step's prefill computes
         while waiting:
             group = waiting[0]
             length = len(group[0].tokens)
-            first = self._first_block_key(group[0].tokens)
-            if admitted and first is not None and first in first_blocks and first not in self._prefix_cache:
-                break  # it shares a prefix with a group prefilled now: next step, it reads it from the cache
+            prefixes = self._uncached_prefixes(group[0].tokens)
+            if admitted and prefixes and prefixes[0] in computed:
+                break  # it shares blocks with a group prefilled now: next step, it reads them from the cache
             full, partial = divmod(length, self.block_size)
             per_child = 1 if partial else 0
             slots = self.max_num_seqs - num_running
@@ -271,7 +271,7 @@ class Engine:
             else:
                 waiting[0] = group[k:]
             admitted.append(take)
-            first_blocks.add(first)
+            computed.update(prefixes)
             free -= full + k * per_child
             budget -= length
             num_running += k
@@ -281,10 +281,16 @@ class Engine:
         """Prefix-cache key of full block ``i``: its tokens and the (cached) block before it."""
         return (previous, tuple(tokens[i * self.block_size : (i + 1) * self.block_size]))
 
-    def _first_block_key(self, tokens: list[int]) -> tuple[int, tuple[int, ...]] | None:
-        if not self.enable_prefix_caching or (len(tokens) - 1) // self.block_size == 0:
-            return None
-        return self._block_key(-1, tokens, 0)
+    def _uncached_prefixes(self, tokens: list[int]) -> list[tuple[int, ...]]:
+        """The prompt's prefixes that end on a full block a later prompt could read from the cache but
+        the cache lacks, shortest first: what a prefill of this prompt computes and then caches."""
+        if not self.enable_prefix_caching:
+            return []
+        bs = self.block_size
+        return [
+            tuple(tokens[: (i + 1) * bs])
+            for i in range(len(self._cached_blocks(tokens)), (len(tokens) - 1) // bs)
+        ]
 
     def _cached_blocks(self, tokens: list[int]) -> list[int]:
         """The longest run of cached blocks this prompt starts with (at least one token left to run)."""
