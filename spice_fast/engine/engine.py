@@ -245,12 +245,12 @@ class Engine:
         """Take groups from the front of the queue while their prompt blocks and slots are free."""
         admitted, budget, free = [], self.max_num_batched_tokens, self.pool.num_free
         num_running = len(running)
-        computed: set[tuple[int, ...]] = set()  # prompt prefixes (whole blocks) this step's prefill computes
+        computed = set()  # first uncached block of each admitted group: this step's prefill computes it
         while waiting:
             group = waiting[0]
             length = len(group[0].tokens)
-            prefixes = self._uncached_prefixes(group[0].tokens)
-            if admitted and prefixes and prefixes[0] in computed:
+            first = self._first_uncached_key(group[0].tokens)
+            if admitted and first is not None and first in computed:
                 break  # it shares blocks with a group prefilled now: next step, it reads them from the cache
             full, partial = divmod(length, self.block_size)
             per_child = 1 if partial else 0
@@ -271,7 +271,7 @@ class Engine:
             else:
                 waiting[0] = group[k:]
             admitted.append(take)
-            computed.update(prefixes)
+            computed.add(first)
             free -= full + k * per_child
             budget -= length
             num_running += k
@@ -281,16 +281,16 @@ class Engine:
         """Prefix-cache key of full block ``i``: its tokens and the (cached) block before it."""
         return (previous, tuple(tokens[i * self.block_size : (i + 1) * self.block_size]))
 
-    def _uncached_prefixes(self, tokens: list[int]) -> list[tuple[int, ...]]:
-        """The prompt's prefixes that end on a full block a later prompt could read from the cache but
-        the cache lacks, shortest first: what a prefill of this prompt computes and then caches."""
+    def _first_uncached_key(self, tokens: list[int]) -> tuple[int, tuple[int, ...]] | None:
+        """Prefix-cache key of the prompt's first full block that a later prompt could read from the
+        cache but the cache lacks (None: no such block). Two prompts with the same key share every block
+        up to it, cached ones included, so the second can wait for the first to cache this one."""
         if not self.enable_prefix_caching:
-            return []
-        bs = self.block_size
-        return [
-            tuple(tokens[: (i + 1) * bs])
-            for i in range(len(self._cached_blocks(tokens)), (len(tokens) - 1) // bs)
-        ]
+            return None
+        cached = self._cached_blocks(tokens)
+        if len(cached) >= (len(tokens) - 1) // self.block_size:
+            return None
+        return self._block_key(cached[-1] if cached else -1, tokens, len(cached))
 
     def _cached_blocks(self, tokens: list[int]) -> list[int]:
         """The longest run of cached blocks this prompt starts with (at least one token left to run)."""
