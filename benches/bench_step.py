@@ -79,7 +79,7 @@ from spice_fast.spice.corpus import Corpus  # noqa: E402
 from spice_fast.spice.parsing import Task, parse_challenger  # noqa: E402
 from spice_fast.spice.rewards import challenger_reward, reasoner_rewards, role_advantages  # noqa: E402
 from spice_fast.train import make_config  # noqa: E402
-from spice_fast.train.rollout import Sequence, derive_seed  # noqa: E402
+from spice_fast.train.rollout import Sequence, derive_seed, new_record  # noqa: E402
 from spice_fast.train.update import learning_rate, make_optimizer, policy_update  # noqa: E402
 
 FALLBACK_QUESTIONS = [  # (question, integer answer) for challenger samples that wrote no valid task
@@ -139,6 +139,16 @@ def reasoner_prompt_ids(tokenizer, task: Task) -> list[int]:
     return prompts.encode(tokenizer, prompts.reasoner_prompt(task.question, list(task.options or [])))
 
 
+def trained_questions(config, step: int, num_questions: int) -> tuple[list[int], random.Random]:
+    """The questions the reasoner trains on (one per document, seeded, or all) and the seeded stream
+    that ``advantages`` goes on drawing from."""
+    num_g = config.spice.num_challenger_samples
+    rng = random.Random(derive_seed("bench_step.advantages", config.seed, step))
+    if config.spice.reasoner_questions == "all":
+        return list(range(num_questions)), rng
+    return [d * num_g + rng.randrange(num_g) for d in range(num_questions // num_g)], rng
+
+
 def advantages(valid: list[bool], rewards: list[float], config, step: int):
     """Challenger advantages [B*G], the trained question indices and their reasoner advantages
     [len(trained)*K], each with the seeded offset of the module docstring."""
@@ -148,12 +158,7 @@ def advantages(valid: list[bool], rewards: list[float], config, step: int):
         challenger_reward(int(sum(rewards[q * num_k : (q + 1) * num_k])), num_k) if ok else s.invalid_reward
         for q, ok in enumerate(valid)
     ]
-    rng = random.Random(derive_seed("bench_step.advantages", config.seed, step))
-    num_docs = len(valid) // num_g
-    if s.reasoner_questions == "all":
-        trained = list(range(len(valid)))
-    else:
-        trained = [d * num_g + rng.randrange(num_g) for d in range(num_docs)]
+    trained, rng = trained_questions(config, step, len(valid))
     r_rewards = [rewards[q * num_k + j] for q in trained for j in range(num_k)]
     r_groups = [i for i in range(len(trained)) for _ in range(num_k)]
     c_adv, r_adv = role_advantages(c_rewards, [q // num_g for q in range(len(valid))], r_rewards, r_groups)
@@ -187,19 +192,34 @@ def ours_iteration(model, engine, optimizer, tokenizer, documents, config, step)
             ignore_eos=True,
         )  # fmt: skip
 
+    # as the trainer does (rollout.new_record): the decode steps record their products for the
+    # update to reuse, when the run can (float32 CPU, sampler logprobs)
+    trained, _ = trained_questions(config, step, len(work))
+    num_rows = len(work) * (r.challenger_max_tokens - 1)
+    num_rows += len(trained) * s.num_reasoner_samples * (r.reasoner_max_tokens - 1)
+    record = new_record(engine, config, num_rows)
+    if record is not None:
+        for i, key in enumerate(keys):
+            for g in range(len(groups[key])):
+                record.reserve(("c", i, g), r.challenger_max_tokens - 1)
+        for q in trained:
+            for j in range(s.num_reasoner_samples):
+                record.reserve(("r", q, j), r.reasoner_max_tokens - 1)
     t0 = time.perf_counter()
     outs = engine.generate(
         [work[groups[key][0]][2] for key in keys],
         [params(len(groups[key]), r.challenger_max_tokens, "challenger", config.seed, step, *key)
          for key in keys],
+        record=record, record_tag="c",
     )  # fmt: skip
     t["rollout"] += time.perf_counter() - t0
     num_tokens = engine.stats.num_generated_tokens
     completions = [None] * len(work)
     prompt_ids = [None] * len(work)
-    for key, out in zip(keys, outs, strict=True):
-        for i, completion in zip(groups[key], out.outputs, strict=True):
-            completions[i], prompt_ids[i] = completion, out.prompt_token_ids
+    record_keys = [None] * len(work)
+    for r_i, (key, out) in enumerate(zip(keys, outs, strict=True)):
+        for g, (i, completion) in enumerate(zip(groups[key], out.outputs, strict=True)):
+            completions[i], prompt_ids[i], record_keys[i] = completion, out.prompt_token_ids, ("c", r_i, g)
 
     tasks = [
         task_or_fallback(c.text, w[1], i, config)
@@ -210,6 +230,7 @@ def ours_iteration(model, engine, optimizer, tokenizer, documents, config, step)
         [reasoner_prompt_ids(tokenizer, task) for task, _ in tasks],
         [params(s.num_reasoner_samples, r.reasoner_max_tokens, "reasoner", config.seed, step, q)
          for q in range(len(tasks))],
+        record=record, record_tag="r",
     )  # fmt: skip
     t["rollout"] += time.perf_counter() - t0
     num_tokens += engine.stats.num_generated_tokens
@@ -224,13 +245,22 @@ def ours_iteration(model, engine, optimizer, tokenizer, documents, config, step)
     valid = [ok for _, ok in tasks]
     c_adv, trained, r_adv = advantages(valid, rewards, config, step)
     sequences = [
-        Sequence("challenger", prompt_ids[i], c.token_ids, c.logprobs, a, ("document", work[i][0]))
+        Sequence(
+            "challenger",
+            prompt_ids[i],
+            c.token_ids,
+            c.logprobs,
+            a,
+            ("document", work[i][0]),
+            record,
+            record_keys[i],
+        )
         for i, (c, a) in enumerate(zip(completions, c_adv, strict=True))
-    ]  # the samples of a document share its prompt prefix: the update runs it once (loss.share_prefixes)
-    r_rows = [(q, r_outs[q].prompt_token_ids, c) for q in trained for c in r_outs[q].outputs]
+    ]  # fmt: skip  (the samples of a document share its prompt prefix: the update runs it once)
+    r_rows = [(q, r_outs[q].prompt_token_ids, j, c) for q in trained for j, c in enumerate(r_outs[q].outputs)]
     sequences += [
-        Sequence("reasoner", p, c.token_ids, c.logprobs, a, ("question", q))
-        for (q, p, c), a in zip(r_rows, r_adv, strict=True)
+        Sequence("reasoner", p, c.token_ids, c.logprobs, a, ("question", q), record, ("r", q, j))
+        for (q, p, j, c), a in zip(r_rows, r_adv, strict=True)
     ]
     t0 = time.perf_counter()
     metrics = policy_update(model, optimizer, sequences, config, learning_rate(config, max(step, 1)))
@@ -244,6 +274,7 @@ def ours_iteration(model, engine, optimizer, tokenizer, documents, config, step)
         "gen_tokens": num_tokens, "num_valid": sum(valid), "num_sequences": len(sequences),
         "update_tokens": metrics["update/num_tokens"], "micro_batches": metrics["update/num_micro_batches"],
         "forward_tokens": metrics["update/num_forward_tokens"],
+        "replayed_tokens": metrics["update/num_replayed_tokens"],
     }  # fmt: skip
 
 
@@ -459,7 +490,10 @@ def report(args, device, runs, med, challenger_lens) -> None:
             x = first[side]
             padded = f" ({x['padded_tokens']} padded tokens)" if "padded_tokens" in x else ""
             if "forward_tokens" in x:
-                padded = f" ({x['forward_tokens']} tokens forwarded, shared prompts once)"
+                padded = (
+                    f" ({x['forward_tokens']} tokens forwarded, shared prompts once; the layer products of "
+                    f"{x['replayed_tokens']} taken from the sampler's record)"
+                )
             print(
                 f"  {name}: {x['gen_tokens']} generated tokens, {x['num_valid']}/{args.num_docs * args.G} "
                 f"valid challenger tasks, update over {x['num_sequences']} sequences / "

@@ -159,14 +159,70 @@ class _OneDNNLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):  # grad [M, N]
         x2, weight = ctx.saved_tensors
-        grad = grad.contiguous()
-        need_x, need_w, need_b = ctx.needs_input_grad
-        grad_x = None  # grad @ weight: [M, K]
-        if need_x:
-            grad_x = _onednn_mm_t(grad, weight.t(), None) if len(grad) >= MIN_DGRAD_ROWS else grad.mm(weight)
-        grad_w = grad.t().mm(x2) if need_w else None  # [N, K]
-        grad_b = grad.sum(0) if need_b and ctx.has_bias else None
-        return grad_x, grad_w, grad_b
+        return _linear_grads(grad, x2, weight, ctx.needs_input_grad[:3], ctx.has_bias, onednn=True)
+
+
+def _linear_grads(grad, x2, weight, needs, has_bias: bool, onednn: bool):
+    """Gradients of ``x2 @ weight.T + bias`` (x2 [M, K]) for upstream ``grad`` [M, N]; ``onednn``: the
+    input gradient of large batches through oneDNN."""
+    grad = grad.contiguous()
+    need_x, need_w, need_b = needs
+    grad_x = None  # grad @ weight: [M, K]
+    if need_x:
+        big = onednn and len(grad) >= MIN_DGRAD_ROWS
+        grad_x = _onednn_mm_t(grad, weight.t(), None) if big else grad.mm(weight)
+    grad_w = grad.t().mm(x2) if need_w else None  # [N, K]
+    grad_b = grad.sum(0) if need_b and has_bias else None
+    return grad_x, grad_w, grad_b
+
+
+class _ReplayLinear(torch.autograd.Function):
+    """Forward: the rows ``taken`` from a record of this product (``recorded[record_rows]``), the
+    ``computed`` rows by the GEMM; backward: the full product's gradients over every row."""
+
+    @staticmethod
+    def forward(ctx, x2, weight, bias, recorded, taken, record_rows, computed):
+        ctx.save_for_backward(x2, weight)
+        ctx.has_bias = bias is not None
+        out = x2.new_empty(x2.shape[0], weight.shape[0])
+        if computed.numel():
+            with torch.no_grad():
+                out.index_copy_(0, computed, linear(x2.index_select(0, computed), weight, bias))
+        out.index_copy_(0, taken, recorded.index_select(0, record_rows))
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x2, weight = ctx.saved_tensors
+        onednn = weight.numel() >= MIN_WEIGHT_NUMEL and onednn_available()
+        grads = _linear_grads(grad, x2, weight, ctx.needs_input_grad[:3], ctx.has_bias, onednn)
+        return *grads, None, None, None, None
+
+
+def replay_linear(
+    x: torch.Tensor,  # [M, K]
+    weight: torch.Tensor,  # [N, K]
+    bias: torch.Tensor | None,  # [N]
+    recorded: torch.Tensor,  # [R, N] this product's outputs recorded earlier (any row stride)
+    taken: torch.Tensor,  # [T] rows of x whose product is taken from the record
+    record_rows: torch.Tensor,  # [T] their rows in ``recorded``
+    computed: torch.Tensor,  # [M - T] the other rows of x, computed
+) -> torch.Tensor:  # [M, N]
+    """``linear(x, weight, bias)`` whose forward takes the rows ``taken`` from ``recorded`` instead of
+    computing them: equal to it when the record holds this product of these rows under these weights
+    (the sampler's decode steps record theirs, ``spice_fast.model.replay``). Gradients are the full
+    product's, for every row, as ``linear``'s. A float32 CPU path (``linear`` elsewhere)."""
+    if x.dim() != 2 or recorded.dim() != 2 or recorded.shape[1] != weight.shape[0]:
+        raise ValueError(
+            f"replay_linear: x [M, K] and recorded [R, {weight.shape[0]}] expected, got "
+            f"{tuple(x.shape)} and {tuple(recorded.shape)}"
+        )
+    if taken.shape != record_rows.shape or taken.numel() + computed.numel() != x.shape[0]:
+        raise ValueError(
+            f"replay_linear: {taken.numel()} taken rows ({record_rows.numel()} record rows) and "
+            f"{computed.numel()} computed rows must cover the {x.shape[0]} rows of x"
+        )
+    return _ReplayLinear.apply(x.contiguous(), weight, bias, recorded, taken, record_rows, computed)
 
 
 def linear(

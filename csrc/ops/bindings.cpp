@@ -116,7 +116,10 @@ PYBIND11_MODULE(_cpu_ops, m) {
         [](uintptr_t x, const std::vector<uintptr_t>& layers, int64_t rows, int64_t hidden, int64_t heads,
            int64_t kv_heads, int64_t head_dim, int64_t intermediate, double eps, double scale, uintptr_t cos,
            uintptr_t sin, uintptr_t slots, uintptr_t block_tables, uintptr_t context_lens, int64_t table_stride,
-           int64_t max_blocks, int64_t num_blocks, int64_t block_size, int num_threads) {
+           int64_t max_blocks, int64_t num_blocks, int64_t block_size, int num_threads, uintptr_t record,
+           uintptr_t record_rows, int64_t record_num_rows, int64_t record_width) {
+            if (record != 0 && (record_rows == 0 || record_num_rows <= 0 || record_width <= 0))
+                throw py::value_error("decode_layers: a record needs its row indices, rows and width");
             if (rows < 0 || hidden <= 0 || heads <= 0 || kv_heads <= 0 || head_dim <= 0 || head_dim % 2 ||
                 intermediate <= 0 || num_blocks <= 0 || block_size <= 0 || max_blocks < 0 || table_stride < max_blocks)
                 throw py::value_error("decode_layers: sizes must be positive (head_dim even, table_stride >= max_blocks)");
@@ -139,12 +142,16 @@ PYBIND11_MODULE(_cpu_ops, m) {
                                              reinterpret_cast<const int64_t*>(slots),
                                              reinterpret_cast<const int32_t*>(block_tables),
                                              reinterpret_cast<const int32_t*>(context_lens), table_stride,
-                                             max_blocks, num_blocks, block_size};
+                                             max_blocks, num_blocks, block_size, out(record),
+                                             reinterpret_cast<const int64_t*>(record_rows), record_num_rows,
+                                             record_width};
             py::gil_scoped_release release;
             spice_ops::decode_layers(out(x), ptrs, step, num_threads);
         },
         py::arg("x"), py::arg("layers"), py::arg("rows"), py::arg("hidden"), py::arg("heads"), py::arg("kv_heads"),
         py::arg("head_dim"), py::arg("intermediate"), py::arg("eps"), py::arg("scale"), py::arg("cos"),
         py::arg("sin"), py::arg("slots"), py::arg("block_tables"), py::arg("context_lens"), py::arg("table_stride"),
-        py::arg("max_blocks"), py::arg("num_blocks"), py::arg("block_size"), py::arg("num_threads"));
+        py::arg("max_blocks"), py::arg("num_blocks"), py::arg("block_size"), py::arg("num_threads"),
+        py::arg("record") = 0, py::arg("record_rows") = 0, py::arg("record_num_rows") = 0,
+        py::arg("record_width") = 0);
 }

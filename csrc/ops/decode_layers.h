@@ -28,6 +28,13 @@ struct DecodeStep {
     const int32_t* block_tables;  // [rows, table_stride]
     const int32_t* context_lens;  // [rows]
     int64_t table_stride, max_blocks, num_blocks, block_size;
+    // Optional record of the step's GEMM outputs (nullptr: none), for a training pass that reuses them:
+    // record[layer][record_rows[r]][...] holds row r's q, k, v, o, gate, up, down products (before
+    // qk-norm, RoPE, SwiGLU and the residual adds), record_width floats in that order; rows whose
+    // record_rows entry is negative are not recorded. record_num_rows: the record's rows per layer.
+    float* record = nullptr;
+    const int64_t* record_rows = nullptr;
+    int64_t record_num_rows = 0, record_width = 0;
 };
 
 // x: [rows, hidden] residual stream, updated in place through every layer. layers: kNumLayerTensors

@@ -35,6 +35,9 @@ from spice_fast.engine.block_pool import BlockPool
 from spice_fast.engine.params import Completion, RequestOutput, SamplingParams
 from spice_fast.engine.sampling import row_key, sample_tokens
 from spice_fast.model import AttentionBatch, CausalLM, PagedKVCache
+from spice_fast.model.cpu_decode import DecodeRecordRows
+from spice_fast.model.replay import ActivationRecord
+from spice_fast.model.replay import width as replay_width
 
 logger = logging.getLogger(__name__)
 
@@ -116,6 +119,9 @@ class Engine:
         self.stats = EngineStats()
         self.enable_prefix_caching = enable_prefix_caching
         self._prefix_cache: dict[tuple[int, tuple[int, ...]], int] = {}  # (previous block, tokens) -> block
+        self._record: tuple[ActivationRecord, object] | None = None  # generate's, while it runs
+        self._record_storage: torch.Tensor | None = None  # activation_record's buffer, kept
+        self._last_record: ActivationRecord | None = None
         self._stop_ids = set(config.eos_token_ids)
         if tokenizer is not None and tokenizer.eos_token_id is not None:
             self._stop_ids.add(tokenizer.eos_token_id)
@@ -124,6 +130,20 @@ class Engine:
     def stop_token_ids(self) -> list[int]:
         """The model's EOS tokens, which end a completion unless ``ignore_eos``."""
         return sorted(self._stop_ids)
+
+    def activation_record(self, num_rows: int) -> ActivationRecord:
+        """A record of ``num_rows`` decode rows for ``generate(..., record=...)`` over a buffer the
+        engine keeps (grown when too small), so that each iteration does not page-fault a fresh one
+        in; the record handed out before is retired (its rows are forgotten, never reused)."""
+        need = self.model.config.num_layers * num_rows * replay_width(self.model.config)
+        if self._last_record is not None:
+            self._last_record.retire()
+            self._last_record = None
+        if self._record_storage is None or self._record_storage.numel() < need:
+            self._record_storage = None  # let the old buffer go first
+            self._record_storage = torch.empty(need, dtype=torch.float32)
+        self._last_record = ActivationRecord(self.model.config, num_rows, self._record_storage)
+        return self._last_record
 
     @property
     def kv_cache_bytes(self) -> int:
@@ -138,7 +158,12 @@ class Engine:
         params: SamplingParams | list[SamplingParams] | None = None,
         *,
         progress: bool = False,
+        record: ActivationRecord | None = None,
+        record_tag: object = None,
     ) -> list[RequestOutput]:
+        """``record``: the CPU decode steps copy the products of every sequence whose key
+        ``(record_tag, request, sample)`` has rows reserved in it (``ActivationRecord.reserve``), for a
+        training forward under the same weights to reuse (spice_fast.model.replay)."""
         if isinstance(prompts, str) or (
             isinstance(prompts, list) and prompts and isinstance(prompts[0], int)
         ):
@@ -157,7 +182,11 @@ class Engine:
         self.pool.reset()
         self._prefix_cache = {}
         self.stats = EngineStats()
-        finished = self._run(groups, sum(len(g) for g in groups), progress)
+        self._record = (record, record_tag) if record is not None else None
+        try:
+            finished = self._run(groups, sum(len(g) for g in groups), progress)
+        finally:
+            self._record = None
         for seq in sorted(finished, key=lambda s: (s.request, s.sample)):
             outputs[seq.request].outputs.append(
                 Completion(seq.sample, seq.output, seq.text, seq.logprobs, seq.finish_reason)
@@ -404,10 +433,24 @@ class Engine:
         )
         batch = AttentionBatch.decode(pos, tables, (pos + 1).to(torch.int32), slot)
         tokens = torch.tensor([seq.tokens[-1] for seq in running], dtype=torch.long, device=device)
-        logits = self.model.logits(self.model.forward_hidden(tokens, batch, self.cache))
+        record = self._record_rows(running)
+        logits = self.model.logits(self.model.forward_hidden(tokens, batch, self.cache, record=record))
+        if record is not None and record.written:
+            record.record.filled[record.rows[record.rows >= 0]] = True
         for seq in running:
             seq.num_cached += 1
         return self._sample_and_append(list(running), logits)
+
+    def _record_rows(self, running: list[_Sequence]) -> DecodeRecordRows | None:
+        """The step's rows of ``generate``'s record: each sequence's input is its generated token
+        number ``num_cached - prompt_len``."""
+        if self._record is None:
+            return None
+        record, tag = self._record
+        rows = [record.row((tag, s.request, s.sample), s.num_cached - s.prompt_len) for s in running]
+        if max(rows) < 0:
+            return None
+        return DecodeRecordRows(record, torch.tensor(rows, dtype=torch.int64))
 
     def _preempt(self, seq: _Sequence, running: list[_Sequence], waiting: deque) -> None:
         running.remove(seq)

@@ -20,12 +20,14 @@ the grouped decode attention: 2.33x, from 1.90x before them).
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 
 from spice_fast.kernels._utils import PLAIN_TENSORS, cpu_ops
 from spice_fast.kernels.linear import SMALL_GEMM_MAX_ROWS, pick_linear_backend, small_gemm_available
 from spice_fast.model.attention import AttentionBatch, PagedKVCache
+from spice_fast.model.replay import ActivationRecord
 
 _MODES = ("auto", "cpp", "torch")
 
@@ -35,6 +37,11 @@ def _enabled() -> bool:
     if mode not in _MODES:
         raise ValueError(f"SPICE_FAST_CPU_DECODE must be one of {_MODES}, got {mode!r}")
     return mode != "torch" and pick_linear_backend(None) in ("auto", "cpp") and small_gemm_available()
+
+
+def cpu_decode_enabled() -> bool:
+    """Whether float32 CPU decode steps run in C++ here (the extension built, AVX-512, not switched off)."""
+    return cpu_ops() is not None and _enabled()
 
 
 def _plain_f32(t: torch.Tensor | None) -> bool:
@@ -76,6 +83,16 @@ def decode_step_applies(x: torch.Tensor, batch: AttentionBatch, kv_cache: PagedK
     )
 
 
+@dataclass
+class DecodeRecordRows:
+    """A decode step's rows to record: row r's products go to ``record`` row ``rows[r]`` (-1: not
+    recorded); ``written`` is set when the C++ step wrote them."""
+
+    record: ActivationRecord
+    rows: torch.Tensor  # [B] int64
+    written: bool = False
+
+
 def decode_layers_cpu(
     model,
     x: torch.Tensor,  # [B, H] embeddings of the step's tokens
@@ -83,10 +100,29 @@ def decode_layers_cpu(
     sin: torch.Tensor,
     batch: AttentionBatch,
     kv_cache: PagedKVCache,
+    record: DecodeRecordRows | None = None,
 ) -> torch.Tensor | None:  # [B, H] after the last layer (before the final norm); None: not applicable
     pointers = _layer_pointers(model, kv_cache)
     if pointers is None:
         return None
+    rec_args = {}
+    if record is not None:
+        data, rows = record.record.data, record.rows.to(torch.int64).contiguous()
+        if (
+            rows.shape != (x.shape[0],)
+            or data.shape[0] != model.config.num_layers
+            or not data.is_contiguous()
+        ):
+            raise ValueError(
+                f"decode record: {x.shape[0]} row indices and a contiguous [layers, rows, width] record "
+                f"expected, got {tuple(rows.shape)} and {tuple(data.shape)}"
+            )
+        if bool((rows >= data.shape[1]).any()):
+            raise ValueError(f"decode record: a row index is past the record's {data.shape[1]} rows")
+        rec_args = {
+            "record": data.data_ptr(), "record_rows": rows.data_ptr(), "record_num_rows": data.shape[1],
+            "record_width": data.shape[2],
+        }  # fmt: skip
     config = model.config
     x = x.clone()  # updated in place through the layers
     cos, sin = cos.float().contiguous(), sin.float().contiguous()
@@ -98,5 +134,8 @@ def decode_layers_cpu(
         config.head_dim, config.intermediate_size, config.rms_norm_eps, config.head_dim**-0.5,
         cos.data_ptr(), sin.data_ptr(), slots.data_ptr(), tables.data_ptr(), lens.data_ptr(),
         tables.stride(0), tables.shape[1], kv_cache.num_blocks, kv_cache.block_size, torch.get_num_threads(),
+        **rec_args,
     )  # fmt: skip
+    if record is not None:
+        record.written = True
     return x

@@ -12,11 +12,12 @@ import math
 import torch
 from torch import nn
 
-from spice_fast.kernels.linear import linear
+from spice_fast.kernels.linear import linear, replay_linear
 from spice_fast.kernels.rms_norm import rms_norm
 from spice_fast.kernels.rope import rope
 from spice_fast.kernels.swiglu import swiglu
 from spice_fast.model.config import ModelConfig
+from spice_fast.model.replay import active as active_replay
 
 
 class RMSNorm(nn.Module):
@@ -86,9 +87,20 @@ class RotaryEmbedding(nn.Module):
 
 class Linear(nn.Linear):
     """``nn.Linear`` (same parameters and state-dict names) whose product runs through
-    ``spice_fast.kernels.linear``: oneDNN on float32 CPU tensors, ``F.linear`` elsewhere."""
+    ``spice_fast.kernels.linear``: oneDNN on float32 CPU tensors, ``F.linear`` elsewhere. Inside
+    ``replay.replaying(...)`` a layer with a ``record_slot`` takes the recorded rows' products from the
+    record (``replay_linear``)."""
+
+    record_slot: tuple[int, int, int] | None = None  # (layer, first, end column) in a replay record
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        replay = active_replay()
+        if replay is not None and self.record_slot is not None and x.dim() == 2:
+            layer, start, end = self.record_slot
+            recorded = replay.record.data[layer, :, start:end]
+            return replay_linear(
+                x, self.weight, self.bias, recorded, replay.taken, replay.record_rows, replay.computed
+            )  # fmt: skip
         return linear(x, self.weight, self.bias)
 
 

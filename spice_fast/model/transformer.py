@@ -19,8 +19,9 @@ from torch.utils.checkpoint import checkpoint
 from spice_fast.kernels.linear import linear
 from spice_fast.model.attention import Attention, AttentionBatch, PagedKVCache
 from spice_fast.model.config import ModelConfig
-from spice_fast.model.cpu_decode import decode_layers_cpu, decode_step_applies
+from spice_fast.model.cpu_decode import DecodeRecordRows, decode_layers_cpu, decode_step_applies
 from spice_fast.model.layers import MLP, Linear, RMSNorm, RotaryEmbedding
+from spice_fast.model.replay import PRODUCTS, Replay, product_columns, replaying
 
 
 class DecoderLayer(nn.Module):
@@ -53,6 +54,13 @@ class CausalLM(nn.Module):
         if not config.tie_word_embeddings:
             self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         self.gradient_checkpointing = False  # recompute each layer in backward to save memory
+        columns = product_columns(config)
+        for i, layer in enumerate(self.model.layers):
+            for name in PRODUCTS:
+                module = getattr(
+                    layer.self_attn if name in ("q_proj", "k_proj", "v_proj", "o_proj") else layer.mlp, name
+                )
+                module.record_slot = (i, *columns[name])
 
     @property
     def lm_head_weight(self) -> torch.Tensor:  # [V, H]
@@ -89,21 +97,30 @@ class CausalLM(nn.Module):
         input_ids: torch.Tensor,  # [N] flat token ids of the packed batch
         batch: AttentionBatch,
         kv_cache: PagedKVCache | None = None,
+        *,
+        record: DecodeRecordRows | None = None,
+        replay: Replay | None = None,
     ) -> torch.Tensor:  # [N, H] final normed hidden states
+        """``record``: a CPU decode step copies its rows' products into ``record.record`` (and sets
+        ``record.written``); ``replay``: a training forward takes those rows' products from the record
+        (spice_fast.model.replay; not with gradient checkpointing)."""
         if input_ids.dim() != 1:
             raise ValueError(f"forward_hidden takes flat [N] token ids, got shape {tuple(input_ids.shape)}")
         x = self.model.embed_tokens(input_ids)
         cos, sin = self.model.rotary.cos_sin(batch.positions)
         if decode_step_applies(x, batch, kv_cache):  # a CPU decode step: all layers in one C++ call
-            out = decode_layers_cpu(self, x, cos, sin, batch, kv_cache)
+            out = decode_layers_cpu(self, x, cos, sin, batch, kv_cache, record)
             if out is not None:
                 return self.model.norm(out)
         recompute = self.gradient_checkpointing and torch.is_grad_enabled() and kv_cache is None
-        for layer in self.model.layers:
-            if recompute:
-                x = checkpoint(layer, x, cos, sin, batch, None, use_reentrant=False)
-            else:
-                x = layer(x, cos, sin, batch, kv_cache)
+        if replay is not None and (recompute or kv_cache is not None):
+            raise ValueError("replay: a training forward without gradient checkpointing or KV cache only")
+        with replaying(replay):
+            for layer in self.model.layers:
+                if recompute:
+                    x = checkpoint(layer, x, cos, sin, batch, None, use_reentrant=False)
+                else:
+                    x = layer(x, cos, sin, batch, kv_cache)
         return self.model.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [..., V] float32

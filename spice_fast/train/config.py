@@ -139,6 +139,11 @@ class LossSection:
     micro_batch_tokens: int = 4096  # packed tokens per forward/backward pass
     skip_zero_advantage: bool = True  # sequences with advantage 0 add no gradient: do not run them
     share_prefixes: bool = True  # run a document (and each whole prompt) its samples share once per batch
+    # the update's forward takes completion rows' layer products from the sampler's decode steps
+    # (spice_fast.model.replay): float32 CPU runs with old_logprobs=sampler, no gradient checkpointing
+    # and no FSDP; replay_max_gb bounds the record (rows beyond it are computed)
+    replay_activations: bool = True
+    replay_max_gb: float = 4.0
 
     def __post_init__(self) -> None:
         _check(0 <= self.clip_low < 1, "loss.clip_low", self.clip_low, "a value in [0, 1)")
@@ -157,6 +162,7 @@ class LossSection:
                 "None unless loss.old_logprobs=recompute (the weights compare trainer and sampler logprobs)",
             )  # fmt: skip
         _check(self.micro_batch_tokens >= 16, "loss.micro_batch_tokens", self.micro_batch_tokens, ">= 16")
+        _check(self.replay_max_gb >= 0, "loss.replay_max_gb", self.replay_max_gb, ">= 0")
 
 
 @dataclass

@@ -13,6 +13,9 @@ logprobs, the advantage) and the step's statistics:
    K answers to one question. The reasoner trains on one valid question per document (chosen with a
    seeded draw) or on all of them.
 
+On a float32 CPU run the decode steps of every sequence the update will train record their layer
+products (``new_record``; the update reuses them, spice_fast.model.replay).
+
 All randomness (answer types, sampling noise, question choice) is derived from (seed, step), so a
 resumed run draws exactly what an uninterrupted one would. Tested by tests/test_train.py.
 """
@@ -26,7 +29,11 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from spice_fast.engine import Engine, SamplingParams
+from spice_fast.model.cpu_decode import cpu_decode_enabled
+from spice_fast.model.replay import ActivationRecord, record_bytes
 from spice_fast.spice import prompts
 from spice_fast.spice.corpus import Document
 from spice_fast.spice.parsing import INVALID_REASONS, Invalid, Task, parse_challenger
@@ -44,6 +51,8 @@ class Sequence:
     sampler_logprobs: list[float]  # the engine's log_softmax(logits / T) of each completion token
     advantage: float
     prefix_group: object = None  # sequences of one group share a prompt prefix (run once in training)
+    record: ActivationRecord | None = None  # the sampler's products of its decode steps, if recorded
+    record_key: object = None  # its key in ``record``
 
 
 @dataclass
@@ -114,17 +123,29 @@ def spice_rollout(
         )
         for d, t, slots in request_meta
     ]
+    num_questions = len(documents) * (1 if s.reasoner_questions == "one" else s.num_challenger_samples)
+    record = new_record(
+        engine, config,
+        len(requests) and sum(p.n for p in params) * (r.challenger_max_tokens - 1)
+        + num_questions * s.num_reasoner_samples * (r.reasoner_max_tokens - 1),
+    )  # fmt: skip
+    if record is not None:
+        for i, p in enumerate(params):
+            for g in range(p.n):
+                record.reserve(("challenger", i, g), r.challenger_max_tokens - 1)
     t0 = time.perf_counter()
-    outs = engine.generate(requests, params, progress=progress) if requests else []
+    recording = {} if record is None else {"record": record, "record_tag": "challenger"}
+    outs = engine.generate(requests, params, progress=progress, **recording) if requests else []
     timings["rollout"] += time.perf_counter() - t0
     num_generated = engine.stats.num_generated_tokens if requests else 0
 
     # challenger samples in (document, sample) order
     challenger: dict[tuple[int, int], dict[str, Any]] = {}
-    for (d, answer_type, slots), out in zip(request_meta, outs, strict=True):
-        for slot, completion in zip(slots, out.outputs, strict=True):
+    for i, ((d, answer_type, slots), out) in enumerate(zip(request_meta, outs, strict=True)):
+        for g, (slot, completion) in enumerate(zip(slots, out.outputs, strict=True)):
             challenger[(d, slot)] = {
                 "prompt_ids": out.prompt_token_ids, "completion": completion, "answer_type": answer_type,
+                "record_key": ("challenger", i, g),
             }  # fmt: skip
     keys = sorted(challenger)
 
@@ -148,6 +169,14 @@ def spice_rollout(
 
     # ---- 3. reasoner: K samples per valid task ----
     valid_keys = [k for k in keys if isinstance(challenger[k]["task"], Task)]
+    choice_seeds = [derive_seed("question_choice", config.seed, step, i) for i in doc_ids]
+    trained_questions = _trained_questions(valid_keys, s.reasoner_questions, choice_seeds)
+    if record is not None:
+        trained = set(trained_questions)
+        for q, k in enumerate(valid_keys):
+            if k in trained:
+                for j in range(s.num_reasoner_samples):
+                    record.reserve(("reasoner", q, j), r.reasoner_max_tokens - 1)
     t0 = time.perf_counter()
     reasoner_outs = (
         engine.generate(
@@ -162,6 +191,7 @@ def spice_rollout(
                 for k in valid_keys
             ],
             progress=progress,
+            **({} if record is None else {"record": record, "record_tag": "reasoner"}),
         )  # fmt: skip
         if valid_keys
         else []
@@ -194,15 +224,13 @@ def spice_rollout(
         if isinstance(challenger[k]["task"], Invalid):
             challenger[k]["reward"] = s.invalid_reward
 
-    choice_seeds = [derive_seed("question_choice", config.seed, step, i) for i in doc_ids]
-    trained_questions = _trained_questions(valid_keys, s.reasoner_questions, choice_seeds)
     group_of = {k: q for q, k in enumerate(valid_keys)}
     reasoner_rows, reasoner_groups = [], []
     for k in trained_questions:
-        for completion, reward in zip(
+        for j, (completion, reward) in enumerate(zip(
             challenger[k]["reasoner_outputs"].outputs, challenger[k]["reasoner_rewards"], strict=True
-        ):
-            reasoner_rows.append((k, completion, reward))
+        )):  # fmt: skip
+            reasoner_rows.append((k, completion, reward, ("reasoner", group_of[k], j)))
             reasoner_groups.append(group_of[k])
     c_adv, r_adv = role_advantages(
         [challenger[k]["reward"] for k in keys], [k[0] for k in keys],
@@ -211,13 +239,14 @@ def spice_rollout(
 
     sequences = [
         Sequence("challenger", challenger[k]["prompt_ids"], challenger[k]["completion"].token_ids,
-                 challenger[k]["completion"].logprobs, float(a), ("document", k[0]))
+                 challenger[k]["completion"].logprobs, float(a), ("document", k[0]), record,
+                 challenger[k]["record_key"])
         for k, a in zip(keys, c_adv.tolist(), strict=True)
     ]  # fmt: skip
     sequences += [
         Sequence("reasoner", challenger[k]["reasoner_prompt_ids"], completion.token_ids, completion.logprobs,
-                 float(a), ("question", k))
-        for (k, completion, _), a in zip(reasoner_rows, r_adv.tolist(), strict=True)
+                 float(a), ("question", k), record, record_key)
+        for (k, completion, _, record_key), a in zip(reasoner_rows, r_adv.tolist(), strict=True)
     ]  # fmt: skip
 
     metrics = _metrics(challenger, keys, valid_keys, invalid, rewards, pass_hist, num_k)
@@ -231,6 +260,23 @@ def spice_rollout(
     })  # fmt: skip
     samples = _samples(documents, challenger, keys, prefix)
     return RolloutResult(sequences, metrics, samples)
+
+
+def new_record(engine: Engine, config: TrainConfig, num_rows: int) -> ActivationRecord | None:
+    """A record of the decode steps' products for the update to reuse (spice_fast.model.replay), when
+    ``loss.replay_activations`` and this run can: float32 parameters on the CPU decoded by the C++
+    step, old logprobs from the sampler, no gradient checkpointing, no FSDP. At most
+    ``loss.replay_max_gb`` (rows beyond it get no record and are computed)."""
+    loss, model = config.loss, getattr(engine, "model", None)
+    if not (
+        isinstance(engine, Engine) and loss.replay_activations and loss.old_logprobs == "sampler"
+        and num_rows > 0 and not config.model.gradient_checkpointing and not config.optim.fsdp
+        and model.device.type == "cpu" and model.dtype == torch.float32 and cpu_decode_enabled()
+    ):  # fmt: skip
+        return None
+    per_row = record_bytes(model.config, 1)
+    rows = min(num_rows, int(loss.replay_max_gb * 1024**3) // per_row)
+    return engine.activation_record(rows) if rows > 0 else None
 
 
 def _trained_questions(

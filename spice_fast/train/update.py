@@ -16,6 +16,9 @@ both roles:
   with optional truncated importance weights ``min(exp(recomputed - sampler), tis_cap)``.
 * A non-finite loss or gradient norm skips the optimizer step (gradients are dropped): the weights
   are never touched by a NaN.
+* Replay (``loss.replay_activations``, float32 CPU): the completion rows whose layer products the
+  sampler's decode steps recorded (``Sequence.record``) take them from the record in the forward
+  instead of multiplying again (spice_fast.model.replay); prompt rows and unrecorded rows are computed.
 
 ``MasterAdamW`` keeps fp32 master weights when the model is bf16/fp16 (the sampler reads the low
 precision parameters, updated in place from the masters) and is a plain AdamW for fp32 models.
@@ -36,6 +39,7 @@ from torch.distributed.tensor import DTensor
 
 from spice_fast.kernels import fused_grpo_loss, fused_linear_logprob
 from spice_fast.model import AttentionBatch, CausalLM
+from spice_fast.model.replay import Replay
 from spice_fast.train.config import TrainConfig
 from spice_fast.train.distributed import (
     SINGLE,
@@ -198,6 +202,7 @@ class _MicroBatch:
     sampler_logprobs: torch.Tensor  # [M]
     advantages: torch.Tensor  # [M] each sequence's advantage on its tokens
     weights: torch.Tensor  # [M] aggregation weight (1, or 1/len for seq_mean_token_mean)
+    replay: Replay | None = None  # completion rows whose products the sampler recorded
 
 
 @dataclass
@@ -262,24 +267,34 @@ def make_units(seqs: list[Sequence], budget: int, share_prefixes: bool) -> list[
     return units
 
 
-def _micro_batch(units: list[_Unit], agg: str, device: torch.device) -> _MicroBatch:
+def _micro_batch(units: list[_Unit], agg: str, device: torch.device, replay: bool = False) -> _MicroBatch:
     ids, rows, targets, lps, advs, weights, segments = [], [], [], [], [], [], []
     offset = 0
+    # replay: the record row of each packed row (-1: computed); one record per micro-batch, the first
+    # sequence's (a rollout records all its sequences in one)
+    record = next((s.record for u in units for s in u.seqs if s.record is not None), None) if replay else None
+    recorded: list[int] = []
     for unit in units:
         p = unit.prefix_len
         first = unit.seqs[0]
         ids += (first.prompt_ids + first.completion_ids[:-1])[:p]
+        recorded += [-1] * p
         prefix_start, offset = offset, offset + p
         children: list = []
         for group in unit.prompt_groups():
             # the rest of the prompt [p, shared_end) once for the group, then each one's branch
             shared_end = len(group[0].prompt_ids) if len(group) > 1 else p
             ids += group[0].prompt_ids[p:shared_end]
+            recorded += [-1] * (shared_end - p)
             shared_start, offset = offset, offset + shared_end - p
             branch_lens = []
             for s in group:
                 x = s.prompt_ids + s.completion_ids[:-1]
                 ids += x[shared_end:]
+                if record is not None:  # the branch's rows: the prompt's rest, then the decode inputs
+                    recorded += [-1] * (len(s.prompt_ids) - shared_end)
+                    count = len(s.completion_ids) - 1
+                    recorded += record.rows(s.record_key, count) if s.record is record else [-1] * count
                 # token k of x sits in the prefix, in the group's shared part or in this branch
                 rows += [
                     prefix_start + k
@@ -303,15 +318,21 @@ def _micro_batch(units: list[_Unit], agg: str, device: torch.device) -> _MicroBa
         return torch.tensor(values, dtype=dtype, device=device)
 
     batch = AttentionBatch.shared_prefix(segments, device)  # plain packed sequences when nothing branches
+    if record is not None and len(recorded) != len(ids):
+        raise AssertionError(f"replay rows: {len(recorded)} for {len(ids)} packed tokens")
     return _MicroBatch(
         t(ids, torch.long), batch, t(rows, torch.long), t(targets, torch.long), t(lps, torch.float32),
         t(advs, torch.float32), t(weights, torch.float32),
+        Replay.from_rows(record, recorded) if record is not None else None,
     )  # fmt: skip
 
 
-def _completion_hidden(model: CausalLM, mb: _MicroBatch) -> torch.Tensor:  # [M, H]
-    """Final hidden states of the rows that predict completion tokens."""
-    return model.forward_hidden(mb.input_ids, mb.batch).index_select(0, mb.rows)
+def _completion_hidden(model: CausalLM, mb: _MicroBatch, replay: bool = False) -> torch.Tensor:  # [M, H]
+    """Final hidden states of the rows that predict completion tokens (``replay``: with the sampler's
+    recorded products where the micro-batch has them)."""
+    return model.forward_hidden(mb.input_ids, mb.batch, replay=mb.replay if replay else None).index_select(
+        0, mb.rows
+    )
 
 
 def _denominator(sequences: list[Sequence], config: TrainConfig, ctx: DistContext = SINGLE) -> int:
@@ -352,12 +373,22 @@ def accumulate_gradients(
         return metrics
     weight = model.lm_head_weight
     units = make_units(trained, loss_cfg.micro_batch_tokens, loss_cfg.share_prefixes)
+    # the sampler's products are reused only by the one pass with gradients, and only when the
+    # rollout recorded them (rollout.new_record decides: float32 CPU, sampler logprobs, ...)
+    replay = (
+        loss_cfg.replay_activations
+        and loss_cfg.old_logprobs == "sampler"
+        and not model.gradient_checkpointing
+    )
     batches = [
-        _micro_batch([units[i] for i in b], loss_cfg.agg, model.device)
+        _micro_batch([units[i] for i in b], loss_cfg.agg, model.device, replay)
         for b in pack([u.num_tokens for u in units], loss_cfg.micro_batch_tokens)
     ]
     metrics["update/num_micro_batches"] = len(batches)
     metrics["update/num_forward_tokens"] = sum(mb.input_ids.numel() for mb in batches)
+    metrics["update/num_replayed_tokens"] = sum(
+        0 if mb.replay is None else mb.replay.taken.numel() for mb in batches
+    )
     temperature = config.rollout.temperature
 
     old = [mb.sampler_logprobs for mb in batches]
@@ -381,7 +412,7 @@ def accumulate_gradients(
     total_loss, num_tokens, gaps = 0.0, 0, []
     sums = {"clip_fraction": 0.0, "mean_ratio": 0.0, "approx_kl": 0.0}
     for mb, old_lp, isw in zip(batches, old, is_weights, strict=True):
-        hidden = _completion_hidden(model, mb)
+        hidden = _completion_hidden(model, mb, replay=True)
         loss, m = fused_grpo_loss(
             hidden, weight, mb.targets, old_lp, mb.advantages, torch.ones_like(mb.advantages),
             temperature=temperature, clip_low=loss_cfg.clip_low, clip_high=loss_cfg.clip_high,

@@ -1,0 +1,156 @@
+"""Reusing the sampler's products in the training forward (a float32 CPU path).
+
+In one SPICE iteration the sampler and the trainer run the same weights: the rollout generates with
+them and the single policy update that follows differentiates them, nothing changes in between. The
+training forward over a completion token therefore computes the very products (q, k, v, o, gate, up,
+down of every layer) that the decode step which fed that token computed. ``ActivationRecord`` keeps
+them: the engine's C++ decode step copies each recorded row's GEMM outputs into it
+(``csrc/ops/decode_layers.cpp``), and the update's forward (``CausalLM.forward_hidden(...,
+replay=...)``) takes those rows from the record instead of multiplying again (``replay_linear``),
+while everything else (norms, RoPE, attention, SwiGLU, the residual stream, the LM head and every
+backward product) runs as before. On bench_step's iteration 2,048 of the 3,239 forwarded rows are
+completion rows, so about 60% of the forward GEMMs, a fifth of the update's work, is skipped.
+
+The values differ from a recomputation only by float32 rounding (the decode step's GEMM and
+attention kernels against the training ones: the same functions, other summation orders), which
+tests/test_replay.py bounds; the gradient is the full product's, for every row.
+
+Layout: ``data[layer, row]`` holds ``width(config)`` floats, the seven products in the order of
+``PRODUCTS``; ``filled[row]`` says that a decode step wrote the row (rows of sequences that stopped
+early, or of steps that did not run the C++ path, stay unfilled and are computed).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+
+import torch
+
+from spice_fast.model.config import ModelConfig
+
+PRODUCTS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def product_columns(config: ModelConfig) -> dict[str, tuple[int, int]]:
+    """Each product's columns [start, end) in a record row."""
+    q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+    h, i = config.hidden_size, config.intermediate_size
+    sizes = dict(zip(PRODUCTS, (q, kv, kv, h, i, i, h), strict=True))
+    out, start = {}, 0
+    for name in PRODUCTS:
+        out[name] = (start, start + sizes[name])
+        start += sizes[name]
+    return out
+
+
+def width(config: ModelConfig) -> int:
+    """Floats per recorded row and layer."""
+    return max(end for _, end in product_columns(config).values())
+
+
+def record_bytes(config: ModelConfig, num_rows: int) -> int:
+    return config.num_layers * num_rows * width(config) * 4
+
+
+class ActivationRecord:
+    """Room for ``num_rows`` decode rows' products in every layer, handed out per sequence by
+    ``reserve``. ``storage``: a float32 buffer of at least that size to use (the engine keeps one
+    across iterations, so its pages are mapped once, ``Engine.activation_record``); without it the
+    memory is reserved, not touched, and rows never written cost no pages."""
+
+    def __init__(self, config: ModelConfig, num_rows: int, storage: torch.Tensor | None = None):
+        if num_rows <= 0:
+            raise ValueError(f"ActivationRecord: num_rows must be positive, got {num_rows}")
+        self.config = config
+        self.width = width(config)
+        shape = (config.num_layers, num_rows, self.width)
+        if storage is None:
+            self.data = torch.empty(shape, dtype=torch.float32)
+        else:
+            if storage.dtype != torch.float32 or storage.dim() != 1 or storage.numel() < math.prod(shape):
+                raise ValueError(
+                    f"ActivationRecord: storage must be a flat float32 tensor of at least {math.prod(shape)} "
+                    f"elements, got {storage.dtype} {tuple(storage.shape)}"
+                )
+            self.data = storage[: math.prod(shape)].view(shape)
+        self.filled = torch.zeros(num_rows, dtype=torch.bool)
+        self._next = 0
+        self._base: dict[object, tuple[int, int]] = {}  # key -> (first row, rows)
+
+    @property
+    def num_rows(self) -> int:
+        return self.data.shape[1]
+
+    def retire(self) -> None:
+        """Forget every row (its storage is being handed to a new record): sequences that still
+        point here are computed, never given another record's rows."""
+        self._base.clear()
+        self.filled.zero_()
+        self._next = self.num_rows
+
+    def reserve(self, key: object, rows: int) -> bool:
+        """Rows for the decode inputs 0..rows-1 of the sequence ``key``; False when full or taken."""
+        if key in self._base or self._next + rows > self.num_rows:
+            return False
+        self._base[key] = (self._next, rows)
+        self._next += rows
+        return True
+
+    def row(self, key: object, index: int) -> int:
+        """The record row of the ``index``-th decode input of ``key`` (its ``index``-th generated
+        token), or -1 when it has none."""
+        base = self._base.get(key)
+        if base is None or not 0 <= index < base[1]:
+            return -1
+        return base[0] + index
+
+    def rows(self, key: object, count: int) -> list[int]:
+        """The filled record rows of the first ``count`` decode inputs of ``key`` (-1 where none)."""
+        base = self._base.get(key)
+        if base is None:
+            return [-1] * count
+        first, n = base
+        filled = self.filled[first : first + min(count, n)].tolist()
+        return [first + j if ok else -1 for j, ok in enumerate(filled)] + [-1] * max(0, count - n)
+
+
+@dataclass
+class Replay:
+    """One packed forward's rows to take from ``record``: packed row ``taken[j]`` is record row
+    ``record_rows[j]``; ``computed`` are the other packed rows."""
+
+    record: ActivationRecord
+    taken: torch.Tensor  # [T] int64
+    record_rows: torch.Tensor  # [T] int64
+    computed: torch.Tensor  # [N - T] int64
+
+    @classmethod
+    def from_rows(cls, record: ActivationRecord, rows: list[int]) -> Replay | None:
+        """``rows[i]``: the record row of packed row i, or -1; None when no row is recorded."""
+        index = torch.tensor(rows, dtype=torch.int64)
+        hit = index >= 0
+        if not bool(hit.any()):
+            return None
+        taken = hit.nonzero().flatten()
+        return cls(record, taken, index[taken], (~hit).nonzero().flatten())
+
+
+_active: list[Replay | None] = [None]
+
+
+@contextlib.contextmanager
+def replaying(replay: Replay | None):
+    """Within the block, the model's ``Linear`` layers that know their record columns take the
+    ``replay``'s rows from the record (``Linear.forward``)."""
+    previous = _active[0]
+    _active[0] = replay
+    try:
+        yield
+    finally:
+        _active[0] = previous
+
+
+def active() -> Replay | None:
+    return _active[0]
