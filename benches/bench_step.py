@@ -195,8 +195,8 @@ def ours_iteration(model, engine, optimizer, tokenizer, documents, config, step)
     # as the trainer does (rollout.new_record): the decode steps record their products for the
     # update to reuse, when the run can (float32 CPU, sampler logprobs)
     trained, _ = trained_questions(config, step, len(work))
-    num_rows = len(work) * (r.challenger_max_tokens - 1)
-    num_rows += len(trained) * s.num_reasoner_samples * (r.reasoner_max_tokens - 1)
+    num_rows = len(work) * (r.challenger_max_tokens - 1) + sum(len(work[groups[key][0]][2]) for key in keys)
+    num_rows += len(trained) * (s.num_reasoner_samples * (r.reasoner_max_tokens - 1) + r.max_model_len)
     record = new_record(engine, config, num_rows)
     if record is not None:
         for i, key in enumerate(keys):

@@ -17,7 +17,9 @@ from spice_fast.train.distributed import merge_metrics
 
 WORKER = Path(__file__).parent / "dist_worker.py"
 # metrics that depend on how the work was split, or on float sums in another order
-_TIMING = ("time/", "throughput/gen_tokens_per_s", "update/num_micro_batches")  # how work was split
+# how work was split (the replayed rows: what each rank's sampler recorded, e.g. not the rows of a
+# sequence preempted and prefilled again)
+_TIMING = ("time/", "throughput/gen_tokens_per_s", "update/num_micro_batches", "update/num_replayed_tokens")
 _FLOAT = ("loss", "grad_norm", "clip_fraction", "mean_ratio", "approx_kl", "logprob_gap/")
 
 

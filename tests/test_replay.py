@@ -15,14 +15,19 @@ from tiny_models import VOCAB, hf_model, ours_from_hf
 
 from spice_fast.engine import Engine, SamplingParams
 from spice_fast.model.cpu_decode import cpu_decode_enabled
-from spice_fast.model.replay import PRODUCTS, ActivationRecord, product_columns
+from spice_fast.model.replay import PRODUCTS, ActivationRecord, prefix_keys, product_columns
 from spice_fast.train import make_config
 from spice_fast.train.rollout import Sequence
 from spice_fast.train.update import accumulate_gradients
 
-needs_cpp_decode = pytest.mark.skipif(
-    not cpu_decode_enabled(), reason="the C++ decode step is not built here"
-)
+
+@pytest.fixture(params=["cpp", "torch"])
+def decode_path(request, monkeypatch):
+    """The decode steps through the C++ step or the Python layers: both record."""
+    if request.param == "cpp" and not cpu_decode_enabled():
+        pytest.skip("the C++ decode step is not built here")
+    monkeypatch.setenv("SPICE_FAST_CPU_DECODE", request.param)
+    return request.param
 
 
 @pytest.mark.parametrize("bias", [False, True])
@@ -85,9 +90,8 @@ def _products(model, ids: list[int]) -> dict[tuple[int, str], torch.Tensor]:
     return out
 
 
-@needs_cpp_decode
 @pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
-def test_decode_steps_record_the_products_of_a_training_forward(arch):
+def test_decode_steps_record_the_products_of_a_training_forward(arch, decode_path):
     model = _model(arch)
     engine = Engine(model, max_model_len=64)
     gen = torch.Generator().manual_seed(1)
@@ -99,7 +103,8 @@ def test_decode_steps_record_the_products_of_a_training_forward(arch):
     assert not record.reserve(("t", 1, 0), 5)  # a key once
     assert not record.reserve(("t", 9, 9), 64)  # past the end
     outs = engine.generate(prompts, params, record=record, record_tag="t")
-    assert int(record.filled.sum()) == 5 + 3
+    # decode rows, and the 19 prompt rows of request 1 (its sample 0 has rows; request 0's has none)
+    assert int(record.filled.sum()) == 5 + 3 + 19
     columns = product_columns(model.config)
     for (request, sample), count in (((0, 1), 5), ((1, 0), 3)):
         completion = outs[request].outputs[sample].token_ids
@@ -107,11 +112,15 @@ def test_decode_steps_record_the_products_of_a_training_forward(arch):
         products = _products(model, ids)
         rows = record.rows(("t", request, sample), 5)
         assert rows[count:] == [-1] * (5 - count) and min(rows[:count]) >= 0
-        for j in range(count):
-            position = len(prompts[request]) + j  # decode input j: the j-th generated token
+        prompt_rows = record.filled_prompt_rows(prefix_keys(ids, len(prompts[request])))
+        assert (min(prompt_rows) >= 0) == (request == 1) and (max(prompt_rows) >= 0) == (request == 1)
+        checks = [(len(prompts[request]) + j, rows[j]) for j in range(count)]  # decode input j
+        checks += [(t, row) for t, row in enumerate(prompt_rows) if row >= 0]  # prompt token t
+        for position, row in checks:
+            j = (position, row)
             for (layer, name), y in products.items():
                 start, end = columns[name]
-                got = record.data[layer, rows[j], start:end]
+                got = record.data[layer, row, start:end]
                 want = y[position]
                 assert max_err(got, want) <= 2e-5 * max(1.0, want.abs().max().item()), (layer, name, j)
     assert record.rows(("t", 0, 0), 5) == [-1] * 5  # not reserved: nothing recorded
@@ -154,11 +163,10 @@ def _engine_sequences(model, record):
     return seqs
 
 
-@needs_cpp_decode
-@pytest.mark.parametrize("budget", [16, 4096])
-def test_update_with_replayed_products_equals_the_update_without(budget):
+@pytest.mark.parametrize(("budget", "capacity"), [(16, 128), (4096, 128), (4096, 64)])
+def test_update_with_replayed_products_equals_the_update_without(budget, capacity, decode_path):
     model = _model("qwen2")
-    record = ActivationRecord(model.config, 64)
+    record = ActivationRecord(model.config, capacity)  # 64: no room left for the question's prompt
     seqs = _engine_sequences(model, record)
     grads = {}
     for replay in (True, False):
@@ -173,9 +181,13 @@ def test_update_with_replayed_products_equals_the_update_without(budget):
         metrics = accumulate_gradients(m, seqs, config)
         grads[replay] = ({n: p.grad.clone() for n, p in m.named_parameters()}, metrics)
     (ours, m_on), (ref, m_off) = grads[True], grads[False]
-    # 5 of the 6 sequences recorded, 8 decode inputs each (9 tokens), minus rows packed out of the
-    # budget's micro-batches none: every recorded decode input is taken
-    assert m_on["update/num_replayed_tokens"] == 5 * 8
+    # every forwarded row but the 8 decode inputs of the one sequence without decode rows: all three
+    # prompts were recorded in prefill (each request's first sample has rows), and prompt rows that
+    # several micro-batches forward again are found again
+    if capacity == 128:
+        assert m_on["update/num_replayed_tokens"] == m_on["update/num_forward_tokens"] - 8
+    else:  # the 6-token question prompt, forwarded once, is computed
+        assert m_on["update/num_replayed_tokens"] == m_on["update/num_forward_tokens"] - 8 - 6
     assert m_off["update/num_replayed_tokens"] == 0
     assert math.isclose(m_on["loss"], m_off["loss"], rel_tol=1e-4, abs_tol=1e-7)
     # float32 rounding apart (the sampler's kernels against the trainer's), the same gradient
@@ -186,11 +198,10 @@ def test_update_with_replayed_products_equals_the_update_without(budget):
         assert max_err(ours[name], g) <= 1e-3 * g.abs().max().item(), name
 
 
-@needs_cpp_decode
 def test_a_wrong_record_changes_the_gradient():
     """The replayed rows are used: corrupting one recorded product moves the loss and the gradients."""
     model = _model("qwen2")
-    record = ActivationRecord(model.config, 64)
+    record = ActivationRecord(model.config, 128)
     seqs = _engine_sequences(model, record)
     config = make_config(overrides=["rollout.temperature=0.8"])
     base = copy.deepcopy(model)
@@ -207,7 +218,7 @@ def test_rollout_records_only_where_the_run_can_replay():
 
     engine = Engine(_model("qwen2"), max_model_len=32)
     on = make_config(overrides=[])
-    assert (rollout.new_record(engine, on, 10) is not None) == cpu_decode_enabled()
+    assert rollout.new_record(engine, on, 10) is not None
     for override in (
         "loss.replay_activations=false", "loss.old_logprobs=recompute", "model.gradient_checkpointing=true",
         "loss.replay_max_gb=0", "optim.fsdp=true",

@@ -36,7 +36,7 @@ from spice_fast.engine.params import Completion, RequestOutput, SamplingParams
 from spice_fast.engine.sampling import row_key, sample_tokens
 from spice_fast.model import AttentionBatch, CausalLM, PagedKVCache
 from spice_fast.model.cpu_decode import DecodeRecordRows
-from spice_fast.model.replay import ActivationRecord
+from spice_fast.model.replay import ActivationRecord, Recording, prefix_keys, recording
 from spice_fast.model.replay import width as replay_width
 
 logger = logging.getLogger(__name__)
@@ -369,9 +369,10 @@ class Engine:
             batch.positions = torch.tensor(positions, dtype=torch.int64, device=device)
             batch.uniform_len = 0
             batch.prefix_lens, batch.prefix_tables = contexts, owned
-        hidden = self.model.forward_hidden(
-            torch.tensor(ids, dtype=torch.long, device=device), batch, self.cache
-        )
+        with recording(self._prompt_record_rows(groups, contexts)):
+            hidden = self.model.forward_hidden(
+                torch.tensor(ids, dtype=torch.long, device=device), batch, self.cache
+            )
         logits = self.model.logits(hidden[batch.cu_seqlens[1:].long() - 1])  # [num_groups, V]
         self.stats.num_prefill_tokens += len(ids)
         self.stats.num_cached_prompt_tokens += sum(contexts)
@@ -440,6 +441,26 @@ class Engine:
         for seq in running:
             seq.num_cached += 1
         return self._sample_and_append(list(running), logits)
+
+    def _prompt_record_rows(self, groups: list[list[_Sequence]], contexts: list[int]) -> Recording | None:
+        """The prefill's prompt rows to record: those of requests whose first sample has decode rows in
+        ``generate``'s record, keyed by their prefix (``prefix_keys``) so that a prompt prefix that
+        later requests read from the prefix cache is found again; generated tokens that a preempted
+        sequence prefills again are not recorded."""
+        if self._record is None:
+            return None
+        record, tag = self._record
+        rows, any_row = [], False
+        for group, context in zip(groups, contexts, strict=True):
+            seq = group[0]
+            end = len(seq.tokens)
+            if record.row((tag, seq.request, seq.sample), 0) < 0:
+                rows += [-1] * (end - context)
+                continue
+            keys = prefix_keys(seq.tokens, min(end, seq.prompt_len))[context:]
+            rows += [record.prompt_row(k) for k in keys] + [-1] * (end - context - len(keys))
+            any_row = any_row or max(rows, default=-1) >= 0
+        return Recording(record, torch.tensor(rows, dtype=torch.int64)) if any_row else None
 
     def _record_rows(self, running: list[_Sequence]) -> DecodeRecordRows | None:
         """The step's rows of ``generate``'s record: each sequence's input is its generated token

@@ -18,6 +18,7 @@ from spice_fast.kernels.rope import rope
 from spice_fast.kernels.swiglu import swiglu
 from spice_fast.model.config import ModelConfig
 from spice_fast.model.replay import active as active_replay
+from spice_fast.model.replay import active_recording
 
 
 class RMSNorm(nn.Module):
@@ -101,7 +102,11 @@ class Linear(nn.Linear):
             return replay_linear(
                 x, self.weight, self.bias, recorded, replay.taken, replay.record_rows, replay.computed
             )  # fmt: skip
-        return linear(x, self.weight, self.bias)
+        y = linear(x, self.weight, self.bias)
+        rec = active_recording()
+        if rec is not None and self.record_slot is not None:
+            rec.keep(*self.record_slot, y)
+        return y
 
 
 class MLP(nn.Module):

@@ -78,6 +78,7 @@ class ActivationRecord:
         self.filled = torch.zeros(num_rows, dtype=torch.bool)
         self._next = 0
         self._base: dict[object, tuple[int, int]] = {}  # key -> (first row, rows)
+        self._prompt: dict[object, int] = {}  # prompt token key (prefix_keys) -> row
 
     @property
     def num_rows(self) -> int:
@@ -87,6 +88,7 @@ class ActivationRecord:
         """Forget every row (its storage is being handed to a new record): sequences that still
         point here are computed, never given another record's rows."""
         self._base.clear()
+        self._prompt.clear()
         self.filled.zero_()
         self._next = self.num_rows
 
@@ -106,6 +108,26 @@ class ActivationRecord:
             return -1
         return base[0] + index
 
+    def prompt_row(self, key: object) -> int:
+        """The record row of the prompt token ``key`` (``prefix_keys``): the one it has, else a new one
+        while there is room, else -1."""
+        row = self._prompt.get(key)
+        if row is None:
+            if self._next >= self.num_rows:
+                return -1
+            row = self._prompt[key] = self._next
+            self._next += 1
+        return row
+
+    def filled_prompt_rows(self, keys: list[object]) -> list[int]:
+        """The filled record rows of these prompt tokens (-1 where none)."""
+        rows = [self._prompt.get(k, -1) for k in keys]
+        hits = [r for r in rows if r >= 0]
+        if not hits:
+            return rows
+        filled = dict(zip(hits, self.filled[hits].tolist(), strict=True))
+        return [r if r >= 0 and filled[r] else -1 for r in rows]
+
     def rows(self, key: object, count: int) -> list[int]:
         """The filled record rows of the first ``count`` decode inputs of ``key`` (-1 where none)."""
         base = self._base.get(key)
@@ -114,6 +136,69 @@ class ActivationRecord:
         first, n = base
         filled = self.filled[first : first + min(count, n)].tolist()
         return [first + j if ok else -1 for j, ok in enumerate(filled)] + [-1] * max(0, count - n)
+
+
+def prefix_keys(tokens: list[int], end: int) -> list[tuple[int, int]]:
+    """A key per prompt position t < ``end``: (t, a hash chained over tokens[0..t]). A token's layer
+    products depend on exactly these tokens, so equal keys share a record row (the documents that
+    several challenger prompts share, prefilled once by the engine's prefix cache)."""
+    out, h = [], 0
+    for t in range(end):
+        h = hash((h, tokens[t]))
+        out.append((t, h))
+    return out
+
+
+@dataclass
+class Recording:
+    """A prefill's rows to record: packed row i's products go to ``record`` row ``rows[i]`` (-1: not
+    recorded); ``Linear.forward`` copies them inside ``recording(...)``."""
+
+    record: ActivationRecord
+    rows: torch.Tensor  # [N] int64
+    source: torch.Tensor = None  # rows of the packed batch that are recorded
+    target: torch.Tensor = None  # their record rows
+
+    def __post_init__(self) -> None:
+        self.source = (self.rows >= 0).nonzero().flatten()
+        self.target = self.rows[self.source]
+        self.kept: set[tuple[int, int]] = set()  # (layer, first column) of the products written
+
+    def keep(self, layer: int, start: int, end: int, y: torch.Tensor) -> None:
+        if y.dim() == 2 and y.shape[0] == self.rows.shape[0]:
+            self.record.data[layer, :, start:end].index_copy_(0, self.target, y.index_select(0, self.source))
+            self.kept.add((layer, start))
+
+    @property
+    def complete(self) -> bool:
+        """Every product of every layer was written."""
+        return len(self.kept) == len(PRODUCTS) * self.record.config.num_layers
+
+    def finish(self) -> None:
+        """Mark the rows filled, if the forward wrote all their products (else they stay computed)."""
+        if self.complete:
+            self.record.filled[self.target] = True
+
+
+_recording: list[Recording | None] = [None]
+
+
+@contextlib.contextmanager
+def recording(rec: Recording | None):
+    """Within the block, the model's ``Linear`` layers that know their record columns copy the
+    recorded rows of their output into ``rec.record``."""
+    previous = _recording[0]
+    _recording[0] = rec
+    try:
+        yield
+    finally:
+        _recording[0] = previous
+    if rec is not None:
+        rec.finish()
+
+
+def active_recording() -> Recording | None:
+    return _recording[0]
 
 
 @dataclass

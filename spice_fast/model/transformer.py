@@ -12,6 +12,8 @@ Contract: ``model(input_ids)`` with ``[B, T]`` unpadded ids returns float32 logi
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -21,7 +23,7 @@ from spice_fast.model.attention import Attention, AttentionBatch, PagedKVCache
 from spice_fast.model.config import ModelConfig
 from spice_fast.model.cpu_decode import DecodeRecordRows, decode_layers_cpu, decode_step_applies
 from spice_fast.model.layers import MLP, Linear, RMSNorm, RotaryEmbedding
-from spice_fast.model.replay import PRODUCTS, Replay, product_columns, replaying
+from spice_fast.model.replay import PRODUCTS, Recording, Replay, product_columns, recording, replaying
 
 
 class DecoderLayer(nn.Module):
@@ -101,9 +103,9 @@ class CausalLM(nn.Module):
         record: DecodeRecordRows | None = None,
         replay: Replay | None = None,
     ) -> torch.Tensor:  # [N, H] final normed hidden states
-        """``record``: a CPU decode step copies its rows' products into ``record.record`` (and sets
-        ``record.written``); ``replay``: a training forward takes those rows' products from the record
-        (spice_fast.model.replay; not with gradient checkpointing)."""
+        """``record``: a decode step copies its rows' products into ``record.record`` (the C++ step, or
+        the Python layers; sets ``record.written``); ``replay``: a training forward takes those rows'
+        products from the record (spice_fast.model.replay; not with gradient checkpointing)."""
         if input_ids.dim() != 1:
             raise ValueError(f"forward_hidden takes flat [N] token ids, got shape {tuple(input_ids.shape)}")
         x = self.model.embed_tokens(input_ids)
@@ -115,12 +117,16 @@ class CausalLM(nn.Module):
         recompute = self.gradient_checkpointing and torch.is_grad_enabled() and kv_cache is None
         if replay is not None and (recompute or kv_cache is not None):
             raise ValueError("replay: a training forward without gradient checkpointing or KV cache only")
-        with replaying(replay):
+        # a decode step the C++ path did not run records through the Python layers
+        rec = None if record is None else Recording(record.record, record.rows)
+        with replaying(replay), recording(rec) if rec is not None else contextlib.nullcontext():
             for layer in self.model.layers:
                 if recompute:
                     x = checkpoint(layer, x, cos, sin, batch, None, use_reentrant=False)
                 else:
                     x = layer(x, cos, sin, batch, kv_cache)
+        if rec is not None:
+            record.written = rec.complete
         return self.model.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [..., V] float32

@@ -32,7 +32,6 @@ from typing import Any
 import torch
 
 from spice_fast.engine import Engine, SamplingParams
-from spice_fast.model.cpu_decode import cpu_decode_enabled
 from spice_fast.model.replay import ActivationRecord, record_bytes
 from spice_fast.spice import prompts
 from spice_fast.spice.corpus import Document
@@ -124,11 +123,13 @@ def spice_rollout(
         for d, t, slots in request_meta
     ]
     num_questions = len(documents) * (1 if s.reasoner_questions == "one" else s.num_challenger_samples)
-    record = new_record(
-        engine, config,
-        len(requests) and sum(p.n for p in params) * (r.challenger_max_tokens - 1)
-        + num_questions * s.num_reasoner_samples * (r.reasoner_max_tokens - 1),
-    )  # fmt: skip
+    # rows: every challenger sample's decode inputs and prompt tokens, and the same for the questions
+    # the reasoner may train on (their prompts at most max_prompt tokens; only the rows used are touched)
+    num_rows = sum(
+        p.n * (r.challenger_max_tokens - 1) + len(ids) for p, ids in zip(params, requests, strict=True)
+    )
+    num_rows += num_questions * (s.num_reasoner_samples * (r.reasoner_max_tokens - 1) + max_prompt)
+    record = new_record(engine, config, num_rows if requests else 0)
     if record is not None:
         for i, p in enumerate(params):
             for g in range(p.n):
@@ -263,15 +264,15 @@ def spice_rollout(
 
 
 def new_record(engine: Engine, config: TrainConfig, num_rows: int) -> ActivationRecord | None:
-    """A record of the decode steps' products for the update to reuse (spice_fast.model.replay), when
-    ``loss.replay_activations`` and this run can: float32 parameters on the CPU decoded by the C++
-    step, old logprobs from the sampler, no gradient checkpointing, no FSDP. At most
+    """A record of the sampler's layer products (prefill and decode) for the update to reuse
+    (spice_fast.model.replay), when ``loss.replay_activations`` and this run can: float32 parameters
+    on the CPU, old logprobs from the sampler, no gradient checkpointing, no FSDP. At most
     ``loss.replay_max_gb`` (rows beyond it get no record and are computed)."""
     loss, model = config.loss, getattr(engine, "model", None)
     if not (
         isinstance(engine, Engine) and loss.replay_activations and loss.old_logprobs == "sampler"
         and num_rows > 0 and not config.model.gradient_checkpointing and not config.optim.fsdp
-        and model.device.type == "cpu" and model.dtype == torch.float32 and cpu_decode_enabled()
+        and model.device.type == "cpu" and model.dtype == torch.float32
     ):  # fmt: skip
         return None
     per_row = record_bytes(model.config, 1)

@@ -16,9 +16,10 @@ both roles:
   with optional truncated importance weights ``min(exp(recomputed - sampler), tis_cap)``.
 * A non-finite loss or gradient norm skips the optimizer step (gradients are dropped): the weights
   are never touched by a NaN.
-* Replay (``loss.replay_activations``, float32 CPU): the completion rows whose layer products the
-  sampler's decode steps recorded (``Sequence.record``) take them from the record in the forward
-  instead of multiplying again (spice_fast.model.replay); prompt rows and unrecorded rows are computed.
+* Replay (``loss.replay_activations``, float32 CPU): the rows whose layer products the sampler
+  recorded (``Sequence.record``: the prompt's in prefill, the completion's in the decode steps) take
+  them from the record in the forward instead of multiplying again (spice_fast.model.replay); rows
+  without a record are computed.
 
 ``MasterAdamW`` keeps fp32 master weights when the model is bf16/fp16 (the sampler reads the low
 precision parameters, updated in place from the masters) and is a plain AdamW for fp32 models.
@@ -39,7 +40,7 @@ from torch.distributed.tensor import DTensor
 
 from spice_fast.kernels import fused_grpo_loss, fused_linear_logprob
 from spice_fast.model import AttentionBatch, CausalLM
-from spice_fast.model.replay import Replay
+from spice_fast.model.replay import Replay, prefix_keys
 from spice_fast.train.config import TrainConfig
 from spice_fast.train.distributed import (
     SINGLE,
@@ -274,25 +275,35 @@ def _micro_batch(units: list[_Unit], agg: str, device: torch.device, replay: boo
     # sequence's (a rollout records all its sequences in one)
     record = next((s.record for u in units for s in u.seqs if s.record is not None), None) if replay else None
     recorded: list[int] = []
+    keys: dict[int, list] = {}  # id(sequence) -> its prompt's prefix keys
+
+    def prompt_rows(seq: Sequence, start: int, end: int) -> list[int]:
+        """The filled record rows of prompt positions [start, end) of ``seq`` (-1 where none)."""
+        if record is None or seq.record is not record or end <= start:
+            return [-1] * max(0, end - start)
+        if id(seq) not in keys:
+            keys[id(seq)] = prefix_keys(seq.prompt_ids, len(seq.prompt_ids))
+        return record.filled_prompt_rows(keys[id(seq)][start:end])
+
     for unit in units:
         p = unit.prefix_len
         first = unit.seqs[0]
         ids += (first.prompt_ids + first.completion_ids[:-1])[:p]
-        recorded += [-1] * p
+        recorded += prompt_rows(first, 0, p)
         prefix_start, offset = offset, offset + p
         children: list = []
         for group in unit.prompt_groups():
             # the rest of the prompt [p, shared_end) once for the group, then each one's branch
             shared_end = len(group[0].prompt_ids) if len(group) > 1 else p
             ids += group[0].prompt_ids[p:shared_end]
-            recorded += [-1] * (shared_end - p)
+            recorded += prompt_rows(group[0], p, shared_end)
             shared_start, offset = offset, offset + shared_end - p
             branch_lens = []
             for s in group:
                 x = s.prompt_ids + s.completion_ids[:-1]
                 ids += x[shared_end:]
                 if record is not None:  # the branch's rows: the prompt's rest, then the decode inputs
-                    recorded += [-1] * (len(s.prompt_ids) - shared_end)
+                    recorded += prompt_rows(s, shared_end, len(s.prompt_ids))
                     count = len(s.completion_ids) - 1
                     recorded += record.rows(s.record_key, count) if s.record is record else [-1] * count
                 # token k of x sits in the prefix, in the group's shared part or in this branch
