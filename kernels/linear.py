@@ -184,6 +184,8 @@ class _ReplayLinear(torch.autograd.Function):
     def forward(ctx, x2, weight, bias, recorded, taken, record_rows, computed):
         ctx.save_for_backward(x2, weight)
         ctx.has_bias = bias is not None
+        if not computed.numel():  # every row from the record, ``taken`` in order: one gather
+            return recorded.index_select(0, record_rows)
         out = x2.new_empty(x2.shape[0], weight.shape[0])
         if computed.numel():
             with torch.no_grad():
@@ -217,10 +219,14 @@ def replay_linear(
             f"replay_linear: x [M, K] and recorded [R, {weight.shape[0]}] expected, got "
             f"{tuple(x.shape)} and {tuple(recorded.shape)}"
         )
-    if taken.shape != record_rows.shape or taken.numel() + computed.numel() != x.shape[0]:
+    if (
+        taken.shape != record_rows.shape
+        or taken.numel() + computed.numel() != x.shape[0]
+        or (not computed.numel() and not torch.equal(taken, torch.arange(x.shape[0])))
+    ):
         raise ValueError(
             f"replay_linear: {taken.numel()} taken rows ({record_rows.numel()} record rows) and "
-            f"{computed.numel()} computed rows must cover the {x.shape[0]} rows of x"
+            f"{computed.numel()} computed rows must cover the {x.shape[0]} rows of x (in order when all are taken)"
         )
     return _ReplayLinear.apply(x.contiguous(), weight, bias, recorded, taken, record_rows, computed)
 
