@@ -226,7 +226,8 @@ def replay_linear(
     ):
         raise ValueError(
             f"replay_linear: {taken.numel()} taken rows ({record_rows.numel()} record rows) and "
-            f"{computed.numel()} computed rows must cover the {x.shape[0]} rows of x (in order when all are taken)"
+            f"{computed.numel()} computed rows must cover the {x.shape[0]} rows of x (in order when all "
+            "are taken)"
         )
     return _ReplayLinear.apply(x.contiguous(), weight, bias, recorded, taken, record_rows, computed)
 
