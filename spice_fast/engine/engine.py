@@ -141,7 +141,9 @@ class Engine:
             self._last_record = None
         if self._record_storage is None or self._record_storage.numel() < need:
             self._record_storage = None  # let the old buffer go first
-            self._record_storage = torch.empty(need, dtype=torch.float32)
+            # a quarter more than asked: the next iterations' prompts may be a little longer, and
+            # each new buffer's pages fault in again (rows never used are never touched)
+            self._record_storage = torch.empty(need + need // 4, dtype=torch.float32)
         self._last_record = ActivationRecord(self.model.config, num_rows, self._record_storage)
         return self._last_record
 
