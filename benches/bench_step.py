@@ -11,7 +11,10 @@ matching, rewards, advantages, one Dr. GRPO policy update with AdamW.
 - spice_fast: ``Engine`` over the model's own weights (paged KV, a request's prompt prefilled once
   for its n samples), ``spice_fast.match`` through ``rewards.reasoner_rewards``, ``policy_update``
   (packed micro-batches without padding, fused GRPO loss, AdamW). Old logprobs are the sampler's
-  (the trainer's default, free) or recomputed with ``--old-logprobs recompute``.
+  (the trainer's default, free) or recomputed with ``--old-logprobs recompute``. As in the trainer
+  (``rollout.new_record``), the engine records the layer products of the sequences to be trained and
+  the update's forward takes them instead of multiplying again (spice_fast.model.replay; on a
+  float32 CPU with sampler logprobs; the summary line counts the replayed rows).
 - common (what TRL's GRPOTrainer does on a CPU): transformers ``generate(do_sample=True,
   num_return_sequences=...)`` on left-padded batches, each challenger prompt repeated per sample;
   math-verify ``parse``/``verify`` as in TRL's accuracy reward; old logprobs as TRL takes them: with

@@ -239,3 +239,6 @@ def test_the_engine_reuses_its_record_buffer_and_retires_the_last_record():
     assert second.rows("a", 4) == [-1] * 4 and second.reserve("a", 4)
     third = engine.activation_record(100)  # larger: a new buffer
     assert third.data.shape[1] == 100 and second.rows("a", 4) == [-1] * 4
+    with torch.inference_mode():  # as the engine runs: the record must stay usable under autograd
+        fourth = engine.activation_record(200)
+    assert not fourth.data.is_inference() and not fourth.filled.is_inference()

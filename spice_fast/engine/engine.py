@@ -143,8 +143,10 @@ class Engine:
             self._record_storage = None  # let the old buffer go first
             # a quarter more than asked: the next iterations' prompts may be a little longer, and
             # each new buffer's pages fault in again (rows never used are never touched)
-            self._record_storage = torch.empty(need + need // 4, dtype=torch.float32)
-        self._last_record = ActivationRecord(self.model.config, num_rows, self._record_storage)
+            with torch.inference_mode(False):  # a normal tensor: the update reads it under autograd
+                self._record_storage = torch.empty(need + need // 4, dtype=torch.float32)
+        with torch.inference_mode(False):
+            self._last_record = ActivationRecord(self.model.config, num_rows, self._record_storage)
         return self._last_record
 
     @property
