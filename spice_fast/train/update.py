@@ -203,7 +203,7 @@ class _MicroBatch:
     sampler_logprobs: torch.Tensor  # [M]
     advantages: torch.Tensor  # [M] each sequence's advantage on its tokens
     weights: torch.Tensor  # [M] aggregation weight (1, or 1/len for seq_mean_token_mean)
-    replay: Replay | None = None  # completion rows whose products the sampler recorded
+    replay: Replay | None = None  # rows (prompt and completion) whose products the sampler recorded
 
 
 @dataclass
