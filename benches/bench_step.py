@@ -14,7 +14,8 @@ matching, rewards, advantages, one Dr. GRPO policy update with AdamW.
   (the trainer's default, free) or recomputed with ``--old-logprobs recompute``. As in the trainer
   (``rollout.new_record``), the engine records the layer products of the sequences to be trained and
   the update's forward takes them instead of multiplying again (spice_fast.model.replay; on a
-  float32 CPU with sampler logprobs; the summary line counts the replayed rows).
+  float32 CPU with sampler logprobs; the summary line counts the replayed rows; ``--no-replay`` turns
+  it off).
 - common (what TRL's GRPOTrainer does on a CPU): transformers ``generate(do_sample=True,
   num_return_sequences=...)`` on left-padded batches, each challenger prompt repeated per sample;
   math-verify ``parse``/``verify`` as in TRL's accuracy reward; old logprobs as TRL takes them: with
@@ -106,6 +107,7 @@ def build_config(args, num_docs: int, g: int, k: int, max_tokens: int):
             f"spice.num_reasoner_samples={k}", f"spice.reasoner_questions={args.reasoner_questions}",
             f"rollout.challenger_max_tokens={max_tokens}", f"rollout.reasoner_max_tokens={max_tokens}",
             f"corpus.max_doc_tokens={args.max_doc_tokens}", f"loss.old_logprobs={args.old_logprobs}",
+            f"loss.replay_activations={not args.no_replay}",
         ]
     )  # fmt: skip
 
@@ -515,7 +517,7 @@ def report(args, device, runs, med, challenger_lens) -> None:
         "step", device, results, model=args.model, dtype=args.dtype, num_docs=args.num_docs, G=args.G,
         K=args.K, max_tokens=args.max_tokens, max_doc_tokens=args.max_doc_tokens,
         challenger_prompt_tokens=challenger_lens, reasoner_questions=args.reasoner_questions,
-        old_logprobs=args.old_logprobs, repeats=args.repeats, warmup=args.warmup,
+        old_logprobs=args.old_logprobs, replay=not args.no_replay, repeats=args.repeats, warmup=args.warmup,
         speedup=speedup, target_met=met, details=first,
     )  # fmt: skip
 
@@ -535,6 +537,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--old-logprobs", choices=("sampler", "recompute"), default="sampler",
                         help="old logprobs: the sampler's (the common way: TRL's default, the current ones "
                              "detached) or a recompute pass on both sides")  # fmt: skip
+    parser.add_argument("--no-replay", action="store_true",
+                        help="spice_fast's update computes every row (replay_activations=false)")  # fmt: skip
     parser.add_argument("--repeats", type=int, default=3, help="timed iterations per side (median)")
     parser.add_argument("--warmup", type=int, default=1, help="short iterations per side first (4 tokens)")
     parser.add_argument("--device", default="cpu")
