@@ -187,9 +187,8 @@ class _ReplayLinear(torch.autograd.Function):
         if not computed.numel():  # every row from the record, ``taken`` in order: one gather
             return recorded.index_select(0, record_rows)
         out = x2.new_empty(x2.shape[0], weight.shape[0])
-        if computed.numel():
-            with torch.no_grad():
-                out.index_copy_(0, computed, linear(x2.index_select(0, computed), weight, bias))
+        with torch.no_grad():
+            out.index_copy_(0, computed, linear(x2.index_select(0, computed), weight, bias))
         out.index_copy_(0, taken, recorded.index_select(0, record_rows))
         return out
 

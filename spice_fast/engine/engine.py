@@ -132,9 +132,9 @@ class Engine:
         return sorted(self._stop_ids)
 
     def activation_record(self, num_rows: int) -> ActivationRecord:
-        """A record of ``num_rows`` decode rows for ``generate(..., record=...)`` over a buffer the
-        engine keeps (grown when too small), so that each iteration does not page-fault a fresh one
-        in; the record handed out before is retired (its rows are forgotten, never reused)."""
+        """A record of ``num_rows`` rows (prompt and decode) for ``generate(..., record=...)`` over a
+        buffer the engine keeps (grown when too small), so that each iteration does not page-fault a
+        fresh one in; the record handed out before is retired (its rows are forgotten, never reused)."""
         need = self.model.config.num_layers * num_rows * replay_width(self.model.config)
         if self._last_record is not None:
             self._last_record.retire()
@@ -165,9 +165,10 @@ class Engine:
         record: ActivationRecord | None = None,
         record_tag: object = None,
     ) -> list[RequestOutput]:
-        """``record``: the CPU decode steps copy the products of every sequence whose key
-        ``(record_tag, request, sample)`` has rows reserved in it (``ActivationRecord.reserve``), for a
-        training forward under the same weights to reuse (spice_fast.model.replay)."""
+        """``record``: prefill and decode steps copy the layer products of every sequence whose key
+        ``(record_tag, request, sample)`` has rows reserved in it (``ActivationRecord.reserve``; the
+        prompt's when its request's first sample has them), for a training forward under the same
+        weights to reuse (spice_fast.model.replay)."""
         if isinstance(prompts, str) or (
             isinstance(prompts, list) and prompts and isinstance(prompts[0], int)
         ):
@@ -440,8 +441,6 @@ class Engine:
         tokens = torch.tensor([seq.tokens[-1] for seq in running], dtype=torch.long, device=device)
         record = self._record_rows(running)
         logits = self.model.logits(self.model.forward_hidden(tokens, batch, self.cache, record=record))
-        if record is not None and record.written:
-            record.record.filled[record.rows[record.rows >= 0]] = True
         for seq in running:
             seq.num_cached += 1
         return self._sample_and_append(list(running), logits)
@@ -454,7 +453,7 @@ class Engine:
         if self._record is None:
             return None
         record, tag = self._record
-        rows, any_row = [], False
+        rows = []
         for group, context in zip(groups, contexts, strict=True):
             seq = group[0]
             end = len(seq.tokens)
@@ -463,8 +462,9 @@ class Engine:
                 continue
             keys = prefix_keys(seq.tokens, min(end, seq.prompt_len))[context:]
             rows += [record.prompt_row(k) for k in keys] + [-1] * (end - context - len(keys))
-            any_row = any_row or max(rows, default=-1) >= 0
-        return Recording(record, torch.tensor(rows, dtype=torch.int64)) if any_row else None
+        if max(rows, default=-1) < 0:
+            return None
+        return Recording(record, torch.tensor(rows, dtype=torch.int64))
 
     def _record_rows(self, running: list[_Sequence]) -> DecodeRecordRows | None:
         """The step's rows of ``generate``'s record: each sequence's input is its generated token

@@ -78,19 +78,18 @@ def decode_step_applies(x: torch.Tensor, batch: AttentionBatch, kv_cache: PagedK
         and not torch.is_grad_enabled()
         and 0 < x.shape[0] <= SMALL_GEMM_MAX_ROWS
         and _plain_f32(x)
-        and cpu_ops() is not None
-        and _enabled()
+        and cpu_decode_enabled()
     )
 
 
 @dataclass
 class DecodeRecordRows:
     """A decode step's rows to record: row r's products go to ``record`` row ``rows[r]`` (-1: not
-    recorded); ``written`` is set when the C++ step wrote them."""
+    recorded). Whichever path runs the step (this C++ one, or the Python layers through
+    ``replay.recording``) writes them and marks them filled."""
 
     record: ActivationRecord
     rows: torch.Tensor  # [B] int64
-    written: bool = False
 
 
 def decode_layers_cpu(
@@ -137,5 +136,5 @@ def decode_layers_cpu(
         **rec_args,
     )  # fmt: skip
     if record is not None:
-        record.written = True
+        record.record.filled[rows[rows >= 0]] = True
     return x

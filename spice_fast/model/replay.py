@@ -2,29 +2,32 @@
 
 In one SPICE iteration the sampler and the trainer run the same weights: the rollout generates with
 them and the single policy update that follows differentiates them, nothing changes in between. The
-training forward over a completion token therefore computes the very products (q, k, v, o, gate, up,
-down of every layer) that the decode step which fed that token computed. ``ActivationRecord`` keeps
-them: the engine's C++ decode step copies each recorded row's GEMM outputs into it
-(``csrc/ops/decode_layers.cpp``), and the update's forward (``CausalLM.forward_hidden(...,
-replay=...)``) takes those rows from the record instead of multiplying again (``replay_linear``),
-while everything else (norms, RoPE, attention, SwiGLU, the residual stream, the LM head and every
-backward product) runs as before. On bench_step's iteration 2,048 of the 3,239 forwarded rows are
-completion rows, so about 60% of the forward GEMMs, a fifth of the update's work, is skipped.
+training forward over a token therefore computes the very products (q, k, v, o, gate, up, down of
+every layer) that the prefill which read it (a prompt token) or the decode step which fed it (a
+completion token) computed. ``ActivationRecord`` keeps them: the engine's C++ decode step copies each
+recorded row's GEMM outputs into it (``csrc/ops/decode_layers.cpp``), and prefill and the Python
+decode path copy them from ``Linear.forward`` under ``recording(...)``. Prompt rows are keyed by
+``prefix_keys``, so a prefix that later requests read from the engine's prefix cache is found again.
+The update's forward (``CausalLM.forward_hidden(..., replay=...)``) takes those rows from the record
+instead of multiplying again (``replay_linear``), while everything else (norms, RoPE, attention,
+SwiGLU, the residual stream, the LM head and every backward product) runs as before. On
+bench_step's iteration every one of the 3,239 forwarded rows is replayed, which skips the layers'
+forward GEMMs: about a third of the update's work.
 
 The values differ from a recomputation only by float32 rounding (the decode step's GEMM and
 attention kernels against the training ones: the same functions, other summation orders), which
 tests/test_replay.py bounds; the gradient is the full product's, for every row.
 
 Layout: ``data[layer, row]`` holds ``width(config)`` floats, the seven products in the order of
-``PRODUCTS``; ``filled[row]`` says that a decode step wrote the row (rows of sequences that stopped
-early, or of steps that did not run the C++ path, stay unfilled and are computed).
+``PRODUCTS``; ``filled[row]`` says that every product of the row was written (rows of sequences that
+stopped early, or that a preempted sequence prefilled again, stay unfilled and are computed).
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -55,10 +58,11 @@ def record_bytes(config: ModelConfig, num_rows: int) -> int:
 
 
 class ActivationRecord:
-    """Room for ``num_rows`` decode rows' products in every layer, handed out per sequence by
-    ``reserve``. ``storage``: a float32 buffer of at least that size to use (the engine keeps one
-    across iterations, so its pages are mapped once, ``Engine.activation_record``); without it the
-    memory is reserved, not touched, and rows never written cost no pages."""
+    """Room for ``num_rows`` rows' products in every layer: decode rows handed out per sequence by
+    ``reserve``, prompt rows per prefix key by ``prompt_row``. ``storage``: a float32 buffer of at
+    least that size to use (the engine keeps one across iterations, so its pages are mapped once,
+    ``Engine.activation_record``); without it the memory is reserved, not touched, and rows never
+    written cost no pages."""
 
     def __init__(self, config: ModelConfig, num_rows: int, storage: torch.Tensor | None = None):
         if num_rows <= 0:
@@ -151,18 +155,19 @@ def prefix_keys(tokens: list[int], end: int) -> list[tuple[int, int]]:
 
 @dataclass
 class Recording:
-    """A prefill's rows to record: packed row i's products go to ``record`` row ``rows[i]`` (-1: not
-    recorded); ``Linear.forward`` copies them inside ``recording(...)``."""
+    """A forward's rows to record (a prefill, or a decode step through the Python layers): row i's
+    products go to ``record`` row ``rows[i]`` (-1: not recorded); ``Linear.forward`` copies them inside
+    ``recording(...)``, which marks the rows filled at the end if every product was written."""
 
     record: ActivationRecord
     rows: torch.Tensor  # [N] int64
-    source: torch.Tensor = None  # rows of the packed batch that are recorded
-    target: torch.Tensor = None  # their record rows
+    source: torch.Tensor = field(init=False)  # rows of the batch that are recorded
+    target: torch.Tensor = field(init=False)  # their record rows
+    kept: set[tuple[int, int]] = field(init=False, default_factory=set)  # (layer, column) of products written
 
     def __post_init__(self) -> None:
         self.source = (self.rows >= 0).nonzero().flatten()
         self.target = self.rows[self.source]
-        self.kept: set[tuple[int, int]] = set()  # (layer, first column) of the products written
 
     def keep(self, layer: int, start: int, end: int, y: torch.Tensor) -> None:
         if y.dim() == 2 and y.shape[0] == self.rows.shape[0]:

@@ -103,8 +103,8 @@ class CausalLM(nn.Module):
         record: DecodeRecordRows | None = None,
         replay: Replay | None = None,
     ) -> torch.Tensor:  # [N, H] final normed hidden states
-        """``record``: a decode step copies its rows' products into ``record.record`` (the C++ step, or
-        the Python layers; sets ``record.written``); ``replay``: a training forward takes those rows'
+        """``record``: a decode step copies its rows' products into ``record.record`` and marks them
+        filled (the C++ step, or the Python layers); ``replay``: a training forward takes those rows'
         products from the record (spice_fast.model.replay; not with gradient checkpointing)."""
         if input_ids.dim() != 1:
             raise ValueError(f"forward_hidden takes flat [N] token ids, got shape {tuple(input_ids.shape)}")
@@ -125,8 +125,6 @@ class CausalLM(nn.Module):
                     x = checkpoint(layer, x, cos, sin, batch, None, use_reentrant=False)
                 else:
                     x = layer(x, cos, sin, batch, kv_cache)
-        if rec is not None:
-            record.written = rec.complete
         return self.model.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [..., V] float32

@@ -13,8 +13,8 @@ logprobs, the advantage) and the step's statistics:
    K answers to one question. The reasoner trains on one valid question per document (chosen with a
    seeded draw) or on all of them.
 
-On a float32 CPU run the decode steps of every sequence the update will train record their layer
-products (``new_record``; the update reuses them, spice_fast.model.replay).
+On a float32 CPU run the prefill and decode steps of every sequence the update will train record
+their layer products (``new_record``; the update reuses them, spice_fast.model.replay).
 
 All randomness (answer types, sampling noise, question choice) is derived from (seed, step), so a
 resumed run draws exactly what an uninterrupted one would. Tested by tests/test_train.py.
@@ -50,7 +50,7 @@ class Sequence:
     sampler_logprobs: list[float]  # the engine's log_softmax(logits / T) of each completion token
     advantage: float
     prefix_group: object = None  # sequences of one group share a prompt prefix (run once in training)
-    record: ActivationRecord | None = None  # the sampler's products of its decode steps, if recorded
+    record: ActivationRecord | None = None  # the sampler's layer products of its rows, if recorded
     record_key: object = None  # its key in ``record``
 
 
@@ -135,8 +135,11 @@ def spice_rollout(
             for g in range(p.n):
                 record.reserve(("challenger", i, g), r.challenger_max_tokens - 1)
     t0 = time.perf_counter()
-    recording = {} if record is None else {"record": record, "record_tag": "challenger"}
-    outs = engine.generate(requests, params, progress=progress, **recording) if requests else []
+    outs = (
+        engine.generate(requests, params, progress=progress, **_recording(record, "challenger"))
+        if requests
+        else []
+    )
     timings["rollout"] += time.perf_counter() - t0
     num_generated = engine.stats.num_generated_tokens if requests else 0
 
@@ -192,7 +195,7 @@ def spice_rollout(
                 for k in valid_keys
             ],
             progress=progress,
-            **({} if record is None else {"record": record, "record_tag": "reasoner"}),
+            **_recording(record, "reasoner"),
         )  # fmt: skip
         if valid_keys
         else []
@@ -261,6 +264,12 @@ def spice_rollout(
     })  # fmt: skip
     samples = _samples(documents, challenger, keys, prefix)
     return RolloutResult(sequences, metrics, samples)
+
+
+def _recording(record: ActivationRecord | None, tag: str) -> dict[str, Any]:
+    """``generate``'s keyword arguments for recording into ``record`` (none without one: an engine
+    that does not record, such as a test's scripted one, is called as before)."""
+    return {} if record is None else {"record": record, "record_tag": tag}
 
 
 def new_record(engine: Engine, config: TrainConfig, num_rows: int) -> ActivationRecord | None:
